@@ -1,0 +1,129 @@
+"""Typed job configuration, registered with Hydra's ConfigStore.
+
+YAML files under `conf/` only hold presets; the schema and its checks live here. The entry point
+converts the composed DictConfig once (`OmegaConf.to_object`, which runs `__post_init__`), and every
+function below it takes these dataclasses, so tests build them directly without Hydra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+DEVICES = ("auto", "cpu", "cuda", "npu")
+COMMANDS = ("fingerprint", "compare", "activations")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # folder, sharded folder or HF cache folder; None: the demo zoo
+    name: str | None = None  # display name; defaults to the folder's basename
+    lm_prefix: str | None = None  # multimodal checkpoints: only tensors under this prefix are LM
+    # What the preset expects; checked against config.json when set (catches a wrong path early)
+    expect_arch: str | None = None
+    expect_layers: int | None = None
+
+
+@dataclass
+class PlanConfig:
+    expert_groups: bool = False  # keep every expert of a MoE group (or of an expert) on one rank
+    # Big tensors are cut into row segments of at most this many bytes. The grid depends on the
+    # tensor only (never on the number of ranks), which keeps results bit-identical across ranks
+    # and content hashes comparable across models.
+    segment_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.segment_bytes < 4096:
+            raise ValueError(f"plan.segment_bytes must be >= 4096, got {self.segment_bytes}")
+
+
+@dataclass
+class StatsConfig:
+    chunk_elems: int = 1 << 18  # elements widened to float64 per kernel step (stays in L2)
+    read_bytes: int = 32 << 20  # host read buffer per rank
+    widen_on_host: bool | None = None  # None: from the device's bf16 support (Ascend 310P has none)
+
+    def __post_init__(self) -> None:
+        if self.chunk_elems <= 0:
+            raise ValueError(f"stats.chunk_elems must be > 0, got {self.chunk_elems}")
+        if self.read_bytes < 4096:
+            raise ValueError(f"stats.read_bytes must be >= 4096, got {self.read_bytes}")
+
+
+@dataclass
+class ActivationsConfig:
+    enabled: bool = False
+    corpus: str | None = None  # text / jsonl file or folder; None: the embedded corpus
+    batch_size: int = 2
+    seq_len: int = 128
+    num_batches: int = 4
+    seed: int = 0
+    mode: str = "data"  # "data" (batches split over ranks) or "pipeline" (layers split over ranks)
+    dtype: str = "float32"  # weights on the device: float32 | float16 | bfloat16
+    layers_per_block: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "num_batches", "layers_per_block"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"activations.{name} must be > 0, got {getattr(self, name)}")
+        if self.mode not in ("data", "pipeline"):
+            raise ValueError(f"activations.mode must be 'data' or 'pipeline', got {self.mode!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"activations.dtype must be float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+
+
+@dataclass
+class CompareConfig:
+    p_threshold: float = 1e-6  # a pair is `related` when the combined weight-level p is below this
+    bank: str | None = None  # folder of signatures of known-independent models (profile nulls)
+    cache_dir: str | None = None  # where signatures of fingerprinted models are cached
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.p_threshold < 1.0:
+            raise ValueError(f"compare.p_threshold must be in (0, 1), got {self.p_threshold}")
+
+
+@dataclass
+class RunConfig:
+    command: str = "fingerprint"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    models: list[str] = field(default_factory=list)  # compare: model folders
+    signatures: list[str] = field(default_factory=list)  # compare: saved signature files
+    device: str = "auto"
+    out_dir: str = "."  # set by the entry point to Hydra's run directory
+    zoo_dir: str | None = None  # where the demo zoo is built; None: ~/.cache/npu_fp/zoo
+    dry_run: bool = False
+    world_size: int | None = None  # dry_run only: plan for this many ranks without launching
+    progress: bool = True
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+    def __post_init__(self) -> None:
+        if self.command not in COMMANDS:
+            raise ValueError(f"command must be one of {COMMANDS}, got {self.command!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.world_size is not None and self.world_size <= 0:
+            raise ValueError(f"world_size must be > 0, got {self.world_size}")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="activations", name="activations_schema", node=ActivationsConfig)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """The one DictConfig -> dataclass conversion, done at the entry point."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RunConfig), type(obj)
+    return obj

@@ -1,0 +1,130 @@
+"""torchrun detection, process-group lifetime, and the few collectives the job uses.
+
+The backend follows from the device (torch's own map gives gloo / nccl / hccl), so no vendor list
+lives here. A plain single process (no torchrun) gets a `DistContext` with world size 1 and never
+touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from npu_fp.device import Device, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: Device
+    backend: str | None = None  # None: single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) when launched by torchrun, else None."""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    if not all(k in os.environ for k in keys):
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError as e:
+        raise ValueError(f"torchrun variables RANK/LOCAL_RANK/WORLD_SIZE must be integers: {e}") from e
+
+
+def backend_for(device: Device) -> str:
+    return dist.Backend.default_device_backend_map.get(device.type, "gloo")
+
+
+@contextlib.contextmanager
+def distributed(device_request: str, timeout_s: float = 1800.0) -> Iterator[DistContext]:
+    """Initialise (when under torchrun), yield the rank's context, always tear down."""
+    env = torchrun_env()
+    if env is None:
+        yield DistContext(0, 0, 1, resolve_device(device_request, 0))
+        return
+    rank, local_rank, world = env
+    device = resolve_device(device_request, local_rank)
+    backend = backend_for(device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        spec = backend if device.type == "cpu" else f"{device.type}:{backend},cpu:gloo"
+        kwargs: dict[str, Any] = {"backend": spec, "timeout": datetime.timedelta(seconds=timeout_s)}
+        if device.type != "cpu":
+            kwargs["device_id"] = device.torch
+        dist.init_process_group(**kwargs)
+    else:
+        log.warning("process group already initialised; reusing it")
+    try:
+        yield DistContext(rank, local_rank, world, device, backend)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def reduce_rows_to_main(ctx: DistContext, table: torch.Tensor) -> torch.Tensor:
+    """Sum a [n_slots, n_fields] table onto rank 0, where each rank filled only its own slots.
+
+    Every slot has exactly one writer and zeros elsewhere, so the sum is exact (x + 0 == x) and the
+    result does not depend on the number of ranks.
+    """
+    if not ctx.distributed:
+        return table
+    buf = table.to(ctx.device.torch)
+    dist.reduce(buf, dst=0, op=dist.ReduceOp.SUM)
+    return buf.cpu()
+
+
+def gather_objects_to_main(ctx: DistContext, obj: Any) -> list[Any] | None:
+    """Small metadata (hash digests, logs) from every rank; rank 0 gets the list, others None."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(ctx: DistContext, obj: Any) -> Any:
+    if not ctx.distributed:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def main_raises_everywhere(ctx: DistContext, error: BaseException | None) -> None:
+    """Propagate a failure seen by any rank to all ranks, so nobody waits in a collective forever."""
+    if not ctx.distributed:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([1.0 if error is not None else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise RuntimeError("another rank failed; see its log under the run directory's logs/")

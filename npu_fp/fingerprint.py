@@ -1,0 +1,269 @@
+"""The fingerprint job: read -> map roles -> plan -> compute -> gather -> signature.
+
+Every rank reads the headers and builds the same plan (a pure function), computes the moments of its
+own work items into its own slots of one fixed-schema float64 table, and a single reduce brings the
+table to rank 0, which merges segments in a fixed order and alone writes the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+import npu_fp
+from npu_fp.arch import map_roles
+from npu_fp.arch.base import RoleMap, TensorRole
+from npu_fp.config import RunConfig
+from npu_fp.dist import DistContext, gather_objects_to_main, main_raises_everywhere, reduce_rows_to_main
+from npu_fp.io.atomic import write_text_atomic
+from npu_fp.io.reader import FileCache, RowReader
+from npu_fp.io.safetensors_header import CheckpointError, TensorRef
+from npu_fp.io.source import ModelSource, open_model
+from npu_fp.plan import Plan, format_plan, make_plan
+from npu_fp.progress import Progress
+from npu_fp.signature import SCHEMA_VERSION, FORMAT, Signature, seal, tensors_csv, write_signature
+from npu_fp.stats.aggregate import TensorStats, layer_table, tensor_row
+from npu_fp.stats.kernel import MomentKernel, item_stats
+from npu_fp.stats.moments import NUM_FIELDS, Moments
+
+log = logging.getLogger(__name__)
+
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: `x.weight` is dequantized with `x.weight_scale_inv`
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where each work item's rows live in the reduced table: slot of the whole, then its parts."""
+
+    plan: Plan
+    first_slot: tuple[int, ...]
+    num_slots: int
+
+
+def computed_tensors(source: ModelSource, rolemap: RoleMap) -> tuple[list[TensorRef], list[str]]:
+    """Tensors that get statistics, and those skipped (non-weights: masks, rotary caches, scales)."""
+    keep, skipped = [], []
+    for name, ref in source.tensors.items():
+        role = rolemap.roles.get(name)
+        if role is not None and role.kind in ("aux", "scale"):
+            skipped.append(name)
+        else:
+            keep.append(ref)
+    return keep, skipped
+
+
+def build_layout(plan: Plan, roles: dict[str, TensorRole]) -> Layout:
+    first, slot = [], 0
+    for it in plan.items:
+        first.append(slot)
+        role = roles.get(it.tensor)
+        slot += 1 + (len(role.parts) if role is not None else 0)
+    return Layout(plan, tuple(first), slot)
+
+
+def check_expectations(cfg: RunConfig, source: ModelSource, rolemap: RoleMap) -> None:
+    exp = cfg.model
+    if exp.expect_arch and exp.expect_arch not in (source.architecture, source.config.get("model_type")):
+        raise CheckpointError(
+            f"{source.root}: preset expects architecture {exp.expect_arch!r} but config.json says "
+            f"{source.architecture!r}; wrong model.path or wrong preset?"
+        )
+    if exp.expect_layers is not None and exp.expect_layers != rolemap.num_layers:
+        raise CheckpointError(
+            f"{source.root}: preset expects {exp.expect_layers} layers, config.json has "
+            f"{rolemap.num_layers}"
+        )
+
+
+def compute_table(ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap: RoleMap,
+                  layout: Layout) -> tuple[torch.Tensor, dict[int, bytes]]:
+    """This rank's slots of the table, plus the digests of the segments it read."""
+    table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
+    digests: dict[int, bytes] = {}
+    mine = layout.plan.assignment[ctx.rank]
+    kernel = MomentKernel(ctx.device, cfg.stats.chunk_elems)
+    my_bytes = sum(layout.plan.items[i].nbytes for i in mine)
+    progress = Progress(my_bytes * ctx.world_size, enabled=cfg.progress and ctx.is_main,
+                        label=Path(source.root).name)
+    with FileCache() as files:
+        reader = RowReader(files, cfg.stats.read_bytes)
+        for i in mine:
+            item = layout.plan.items[i]
+            ref = source.tensors[item.tensor]
+            role = rolemap.roles.get(item.tensor)
+            scale = source.tensors.get(item.tensor + SCALE_SUFFIX)
+            res = item_stats(reader, kernel, ref, role, item, cfg.stats.read_bytes, scale)
+            slot = layout.first_slot[i]
+            table[slot, :9] = torch.tensor(res.whole.to_row(), dtype=torch.float64)
+            for j, pm in enumerate(res.parts):
+                table[slot + 1 + j, :9] = torch.tensor(pm.to_row(), dtype=torch.float64)
+            digests[i] = res.digest
+            progress.advance(item.nbytes * ctx.world_size)
+    progress.close()
+    return table, digests
+
+
+def finish_stats(layout: Layout, table: torch.Tensor, digests: dict[int, bytes],
+                 source: ModelSource, rolemap: RoleMap) -> list[TensorStats]:
+    """Rank 0: merge segments in order into one TensorStats per tensor and per fused part."""
+    rows = table.tolist()
+    merged: dict[str, list[Moments]] = {}
+    seg_digests: dict[str, list[bytes]] = {}
+    for i, item in enumerate(layout.plan.items):
+        role = rolemap.roles.get(item.tensor)
+        nparts = len(role.parts) if role is not None else 0
+        slot = layout.first_slot[i]
+        acc = merged.setdefault(item.tensor, [Moments() for _ in range(1 + nparts)])
+        for j in range(1 + nparts):
+            acc[j].merge(Moments.from_row(rows[slot + j]))
+        seg_digests.setdefault(item.tensor, []).append(digests[i])
+    out = []
+    for name, acc in merged.items():
+        ref = source.tensors[name]
+        role = rolemap.roles.get(name) or TensorRole(name=name, role="other")
+        segs = seg_digests[name]
+        digest = segs[0] if len(segs) == 1 else xxhash.xxh3_128(b"".join(segs)).digest()
+        out.append(TensorStats(ref, role, None, role.role, acc[0], digest.hex()))
+        for spec, m in zip(role.parts, acc[1:], strict=True):
+            out.append(TensorStats(ref, role, spec.part, spec.role, m, None))
+    return out
+
+
+def signature_doc(cfg: RunConfig, source: ModelSource, rolemap: RoleMap, stats: list[TensorStats],
+                  skipped: list[str], name: str, device_type: str) -> dict:
+    rows = [tensor_row(ts) for ts in sorted(stats, key=lambda t: (t.ref.name, t.part or ""))]
+    content = xxhash.xxh3_128()
+    for r in rows:
+        if not r["part"]:
+            content.update(f"{r['name']}\0{r['hash']}\n".encode())
+    identity = {
+        "name": name,
+        "path": source.root,
+        "architecture": source.architecture,
+        "model_type": source.config.get("model_type"),
+        "adapter": rolemap.arch,
+        "config_sha256": source.config_sha256,
+        "num_layers": rolemap.num_layers,
+        "num_experts": rolemap.num_experts,
+        "experts_per_group": rolemap.experts_per_group,
+        "num_tensors": len(source.tensors),
+        "total_bytes": source.total_bytes,
+        "files": [{"name": f.name, "size": f.size, "header_sha256": f.header_sha256}
+                  for f in source.files],
+        "content_hash": content.hexdigest(),
+    }
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"npu_fp {npu_fp.__version__}",
+        "identity": identity,
+        "settings": {
+            "segment_bytes": cfg.plan.segment_bytes,
+            "chunk_elems": cfg.stats.chunk_elems,
+            "device_type": device_type,
+            "std_ddof": 1,
+            "kurtosis": "excess (0 for a Gaussian)",
+        },
+        "tensors": rows,
+        "layers": layer_table(stats),
+        "skipped": skipped,
+        "unmapped": list(rolemap.unmapped),
+        "warnings": list(rolemap.warnings),
+    }
+
+
+def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir: Path,
+                      name: str | None = None) -> Signature | None:
+    """Collective over all ranks. Rank 0 writes and returns the Signature; dry runs return None."""
+    t0 = time.perf_counter()
+    source = open_model(model_path)
+    shapes = {n: r.shape for n, r in source.tensors.items()}
+    rolemap = map_roles(source.config, shapes, cfg.model.lm_prefix)
+    check_expectations(cfg, source, rolemap)
+    refs, skipped = computed_tensors(source, rolemap)
+    world = cfg.world_size if cfg.dry_run and cfg.world_size else ctx.world_size
+    plan = make_plan(refs, rolemap.roles, world, cfg.plan.segment_bytes, cfg.plan.expert_groups)
+    if cfg.dry_run:
+        if ctx.is_main:
+            print(f"{source.root} ({source.architecture}, adapter {rolemap.arch}, "
+                  f"{rolemap.num_layers} layers, {rolemap.num_experts} experts)")
+            print(format_plan(plan, sum(r.nbytes for r in refs)))
+        return None
+    layout = build_layout(plan, rolemap.roles)
+    error: BaseException | None = None
+    table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
+    digests: dict[int, bytes] = {}
+    try:
+        table, digests = compute_table(ctx, cfg, source, rolemap, layout)
+    except (CheckpointError, OSError, RuntimeError) as e:
+        log.error("rank %d failed: %s", ctx.rank, e)
+        error = e
+    main_raises_everywhere(ctx, error)
+    table = reduce_rows_to_main(ctx, table)
+    all_digests = gather_objects_to_main(ctx, digests)
+    if not ctx.is_main:
+        return None
+    assert all_digests is not None
+    merged = {k: v for d in all_digests for k, v in d.items()}
+    assert len(merged) == len(plan.items), "every work item must be computed exactly once"
+    stats = finish_stats(layout, table, merged, source, rolemap)
+    model_name = name or cfg.model.name or Path(source.root).name
+    if Path(source.root).parent.name == "snapshots" and not (name or cfg.model.name):
+        model_name = Path(source.root).parent.parent.name.removeprefix("models--")
+    doc = signature_doc(cfg, source, rolemap, stats, skipped, model_name, ctx.device.type)
+    if cfg.activations.enabled:
+        from npu_fp.activations import run_activations
+        act = run_activations(ctx, cfg.activations, source.root, source)
+        if act is not None:
+            doc["activations"] = {"rows": act.rows, "routing": act.routing,
+                                  "settings": act.settings}
+    sig = Signature(seal(doc))
+    write_outputs(sig, out_dir)
+    elapsed = time.perf_counter() - t0
+    log.info("%s: %.3f GiB in %.2f s (%.2f GB/s) -> %s", model_name, source.total_bytes / 2**30,
+             elapsed, source.total_bytes / 1e9 / max(elapsed, 1e-9), out_dir)
+    return Signature(sig.doc, str(out_dir / "signature.json"))
+
+
+def write_outputs(sig: Signature, out_dir: Path) -> None:
+    """Each file is written atomically; the signature goes last, so its presence means complete."""
+    from npu_fp.report.profile_plot import plot_profiles
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "tensors.csv", tensors_csv(sig.tensors))
+    plot_profiles([sig], out_dir / "profile.png")
+    write_signature(sig.doc, out_dir)
+
+
+def fingerprint(cfg: RunConfig) -> list[Path]:
+    """The `npu-fp fingerprint` command: one model, or the demo zoo when no model is given."""
+    from npu_fp.dist import barrier, distributed
+    from npu_fp.logs import setup_rank_logging
+
+    out = Path(cfg.out_dir)
+    with distributed(cfg.device) as ctx:
+        setup_rank_logging(out, ctx.rank)
+        if cfg.model.path is not None:
+            targets = [(cfg.model.path, out, cfg.model.name)]
+        else:
+            from npu_fp.zoo import build_demo_zoo, default_zoo_dir
+
+            zoo_dir = Path(cfg.zoo_dir) if cfg.zoo_dir else default_zoo_dir()
+            if ctx.is_main:
+                build_demo_zoo(zoo_dir)
+            barrier(ctx)
+            from npu_fp.zoo import DEMO_MODELS
+
+            targets = [(str(zoo_dir / n), out / n, n) for n in DEMO_MODELS]
+        written = []
+        for path, target_dir, name in targets:
+            sig = fingerprint_model(ctx, cfg, path, target_dir, name)
+            if sig is not None and sig.path:
+                written.append(Path(sig.path))
+                print(f"signature: {sig.path}")
+        return written

@@ -1,0 +1,167 @@
+"""Read rows of a tensor by byte range into reusable host buffers.
+
+Reads use `os.preadv` into a buffer owned by the caller, so memory stays bounded by the buffer and not
+by the shard (an mmap would leave every touched page resident and count towards RSS). FP8 weights with
+DeepSeek-style `weight_scale_inv` block scales are dequantized here, before any statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from npu_fp.io.safetensors_header import CheckpointError, TensorRef
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}
+# unsigned wider ints: read as the signed type of the same width and fixed up when widened
+UNSIGNED_AS: dict[str, tuple[torch.dtype, int]] = {
+    "U16": (torch.int16, 1 << 16), "U32": (torch.int32, 1 << 32), "U64": (torch.int64, 1 << 64),
+}
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+FP8_BLOCK = 128
+
+
+def storage_dtype(ref: TensorRef) -> torch.dtype:
+    if ref.dtype in TORCH_DTYPES:
+        return TORCH_DTYPES[ref.dtype]
+    if ref.dtype in UNSIGNED_AS:
+        return UNSIGNED_AS[ref.dtype][0]
+    raise CheckpointError(
+        f"{ref.file}: tensor {ref.name!r}: dtype {ref.dtype} is not supported for statistics "
+        "(sub-byte and complex types must be dequantized or excluded first)"
+    )
+
+
+class FileCache:
+    """Open file descriptors, one per shard, closed together."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open: {e}") from e
+            self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> FileCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_bytes_into(files: FileCache, ref: TensorRef, begin: int, out: torch.Tensor) -> None:
+    """Fill the uint8 tensor `out` with the file bytes starting at absolute offset `begin`."""
+    view = memoryview(out.numpy())
+    fd = files.fd(ref.file)
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], begin + done)
+        if n <= 0:
+            raise CheckpointError(
+                f"{ref.file}: tensor {ref.name!r}: file ended at byte {begin + done}, "
+                f"{len(view) - done} bytes short (truncated while reading?)"
+            )
+        done += n
+
+
+def row_blocks(ref: TensorRef, row_begin: int, row_end: int, block_rows: int) -> Iterator[tuple[int, int]]:
+    r = row_begin
+    while r < row_end:
+        stop = min(row_end, r + block_rows)
+        yield r, stop
+        r = stop
+
+
+class RowReader:
+    """Reads [rows, cols] blocks of tensors through one reusable byte buffer."""
+
+    def __init__(self, files: FileCache, buffer_bytes: int) -> None:
+        self.files = files
+        self._buf = torch.empty(max(buffer_bytes, 1), dtype=torch.uint8)
+
+    def read(self, ref: TensorRef, row_begin: int, row_end: int) -> torch.Tensor:
+        """Stored-dtype CPU tensor of shape [row_end - row_begin, cols], backed by the buffer.
+
+        The result is only valid until the next call.
+        """
+        dtype = storage_dtype(ref)
+        row_bytes = ref.nbytes // ref.rows if ref.rows else 0
+        n = (row_end - row_begin) * row_bytes
+        if n > self._buf.numel():
+            self._buf = torch.empty(n, dtype=torch.uint8)
+        raw = self._buf[:n]
+        if n:
+            read_bytes_into(self.files, ref, ref.begin + row_begin * row_bytes, raw)
+        return raw.view(dtype).view(row_end - row_begin, ref.cols)
+
+    def last_bytes(self, nbytes: int) -> memoryview:
+        """The raw bytes behind the last `read` (for content hashing), valid until the next call."""
+        return memoryview(self._buf[:nbytes].numpy())
+
+    def widen(
+        self, ref: TensorRef, x: torch.Tensor, row_begin: int, scale: TensorRef | None = None
+    ) -> torch.Tensor:
+        """`x` from `read`, as a float tensor safe to reduce: unsigned ints fixed, FP8 dequantized.
+
+        Floats other than FP8 keep their dtype (the statistics kernel widens them in its own
+        buffer, the cheapest place); integers become float64.
+        """
+        if ref.dtype in UNSIGNED_AS:
+            wrap = UNSIGNED_AS[ref.dtype][1]
+            x = x.to(torch.float64)
+            return torch.where(x < 0, x + wrap, x)
+        if ref.dtype in FP8_DTYPES:
+            x = x.to(torch.float32)
+            if scale is not None:
+                rows = read_scale_rows(self.files, scale, ref, row_begin, row_begin + x.shape[0])
+                x = dequantize_fp8_block(x, rows, row_begin)
+            return x
+        if not x.is_floating_point():
+            return x.to(torch.float64)
+        return x
+
+
+def read_scale_rows(files: FileCache, scale: TensorRef, weight: TensorRef, row_begin: int, row_end: int) -> torch.Tensor:
+    """The `weight_scale_inv` rows covering weight rows [row_begin, row_end)."""
+    if scale.dtype not in ("F32", "BF16", "F16") or len(scale.shape) != 2 or len(weight.shape) != 2:
+        raise CheckpointError(
+            f"{scale.file}: tensor {scale.name!r}: expected a 2-D float block-scale tensor for "
+            f"{weight.name!r}, got {scale.dtype} {list(scale.shape)}"
+        )
+    want = (-(-weight.shape[0] // FP8_BLOCK), -(-weight.shape[1] // FP8_BLOCK))
+    if tuple(scale.shape) != want:
+        raise CheckpointError(
+            f"{scale.file}: tensor {scale.name!r}: shape {list(scale.shape)} does not match "
+            f"{FP8_BLOCK}x{FP8_BLOCK} blocks of {weight.name!r} {list(weight.shape)}; expected {list(want)}"
+        )
+    b0, b1 = row_begin // FP8_BLOCK, -(-row_end // FP8_BLOCK)
+    row_bytes = scale.nbytes // scale.shape[0]
+    raw = torch.empty((b1 - b0) * row_bytes, dtype=torch.uint8)
+    read_bytes_into(files, scale, scale.begin + b0 * row_bytes, raw)
+    return raw.view(TORCH_DTYPES[scale.dtype]).view(b1 - b0, scale.shape[1]).to(torch.float32)
+
+
+def dequantize_fp8_block(x: torch.Tensor, scale_rows: torch.Tensor, row_begin: int) -> torch.Tensor:
+    """W[i, j] = q[i, j] * s[i // 128, j // 128] for the rows of `x` starting at `row_begin`."""
+    rows = torch.arange(row_begin, row_begin + x.shape[0]) // FP8_BLOCK - row_begin // FP8_BLOCK
+    cols = torch.arange(x.shape[1]) // FP8_BLOCK
+    return x * scale_rows[rows][:, cols]
