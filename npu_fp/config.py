@@ -63,9 +63,13 @@ class ActivationsConfig:
     mode: str = "data"  # "data" (batches split over ranks) or "pipeline" (layers split over ranks)
     dtype: str = "float32"  # weights on the device: float32 | float16 | bfloat16
     layers_per_block: int = 1
+    # batches whose hidden states a rank holds at once; the weights are streamed once per pass, so
+    # larger passes read the checkpoint fewer times at the cost of pass x batch x seq x hidden
+    # activations on the device
+    pass_batches: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "num_batches", "layers_per_block"):
+        for name in ("batch_size", "seq_len", "num_batches", "layers_per_block", "pass_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"activations.{name} must be > 0, got {getattr(self, name)}")
         if self.mode not in ("data", "pipeline"):

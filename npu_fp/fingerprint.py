@@ -19,14 +19,19 @@ import npu_fp
 from npu_fp.arch import map_roles
 from npu_fp.arch.base import RoleMap, TensorRole
 from npu_fp.config import RunConfig
-from npu_fp.dist import DistContext, gather_objects_to_main, main_raises_everywhere, reduce_rows_to_main
+from npu_fp.dist import (
+    DistContext,
+    gather_objects_to_main,
+    main_raises_everywhere,
+    reduce_rows_to_main,
+)
 from npu_fp.io.atomic import write_text_atomic
 from npu_fp.io.reader import FileCache, RowReader
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.source import ModelSource, open_model
 from npu_fp.plan import Plan, format_plan, make_plan
 from npu_fp.progress import Progress
-from npu_fp.signature import SCHEMA_VERSION, FORMAT, Signature, seal, tensors_csv, write_signature
+from npu_fp.signature import FORMAT, SCHEMA_VERSION, Signature, seal, tensors_csv, write_signature
 from npu_fp.stats.aggregate import TensorStats, layer_table, tensor_row
 from npu_fp.stats.kernel import MomentKernel, item_stats
 from npu_fp.stats.moments import NUM_FIELDS, Moments

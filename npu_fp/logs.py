@@ -13,9 +13,9 @@ def setup_rank_logging(out_dir: Path, rank: int, level: int = logging.INFO) -> P
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"rank{rank}.log"
     root = logging.getLogger()
+    # the job owns logging from here on: drop whatever Hydra or an earlier job installed
     for h in list(root.handlers):
-        if getattr(h, "_npu_fp", False):
-            root.removeHandler(h)
+        root.removeHandler(h)
     fh = logging.FileHandler(path)
     fh.setFormatter(logging.Formatter(FORMAT.format(rank=rank)))
     fh._npu_fp = True  # type: ignore[attr-defined]

@@ -147,10 +147,9 @@ def tokenizer_json(vocab_size: int) -> str:
     """A real `tokenizers` WordLevel tokenizer over the most frequent words of a bundled corpus."""
     import collections
     import re
+    from pydoc_data.topics import topics
 
     from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from pydoc_data.topics import topics
 
     words = collections.Counter(
         w for text in topics.values() for w in re.findall(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]", text)

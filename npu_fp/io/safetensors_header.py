@@ -96,9 +96,11 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {e}") from e
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: duplicate tensor name {e.args[0]!r} in the header") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header JSON must be an object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
@@ -130,6 +132,19 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
     return FileHeader(path, size, n, {str(k): str(v) for k, v in metadata.items()}, tuple(refs), raw)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _parse_entry(path: str, name: str, entry: object, data_start: int, data_len: int) -> TensorRef:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor {name!r}: header entry must be an object")
@@ -147,6 +162,11 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, data_len:
     ):
         raise CheckpointError(f"{path}: tensor {name!r}: data_offsets must be [begin, end]")
     begin, end = offsets
+    if 0 <= begin <= end and end > data_len:
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: data_offsets [{begin}, {end}) out of range: the data "
+            f"region holds only {data_len} bytes (file truncated?)"
+        )
     if not 0 <= begin <= end <= data_len:
         raise CheckpointError(
             f"{path}: tensor {name!r}: data_offsets [{begin}, {end}) out of range; the data region "

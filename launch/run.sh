@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Launch npu_fp on one or more nodes with torchrun; Hydra overrides pass through.
+#   NPROC=8 launch/run.sh fingerprint model=pangu_pro_moe
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=8 launch/run.sh compare models=[A,B]
+# Knobs (environment): NPROC (ranks per node, default: visible devices or 1), NNODES (1),
+# NODE_RANK (0), MASTER_ADDR / MASTER_PORT (multi-node rendezvous), RUN_DIR (one shared run
+# directory for every rank; default outputs/<timestamp>), PYTHON (python3).
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+RUN_DIR=${RUN_DIR:-outputs/$(date +%Y%m%d-%H%M%S)}
+
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$("$PYTHON" - <<'PY'
+import os
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+from npu_fp.device import available_type
+import torch
+kind = available_type()
+print(getattr(torch, kind).device_count() if kind != "cpu" else 1)
+PY
+)
+fi
+
+if [[ "$NNODES" -gt 1 ]]; then
+  : "${MASTER_ADDR:?MASTER_ADDR must be set for multi-node runs}"
+  RDZV=(--rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT:-29500}"
+        --nnodes "$NNODES" --node-rank "$NODE_RANK")
+else
+  # port 0: the OS picks a free port, so parallel jobs on one host never collide
+  RDZV=(--rdzv-backend c10d --rdzv-endpoint localhost:0 --nnodes 1)
+fi
+
+mkdir -p "$RUN_DIR"
+exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node "$NPROC" \
+  --local-ranks-filter 0 -m npu_fp "$@" "hydra.run.dir=$RUN_DIR"

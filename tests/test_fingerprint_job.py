@@ -1,0 +1,166 @@
+"""The fingerprint job end to end: in-process, under real torchrun/gloo ranks, and the launcher."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import save_file
+
+from npu_fp.config import ModelConfig, PlanConfig, RunConfig, StatsConfig
+from npu_fp.fingerprint import fingerprint
+from npu_fp.signature import SignatureError, load_signature
+
+SMALL = ["plan.segment_bytes=4096", "stats.read_bytes=4096", "stats.chunk_elems=1000",
+         "progress=false"]
+
+
+def small_cfg(model: Path, out: Path, **kw) -> RunConfig:
+    return RunConfig(model=ModelConfig(path=str(model)), out_dir=str(out), progress=False,
+                     plan=PlanConfig(segment_bytes=4096, **kw), stats=StatsConfig(
+                         read_bytes=4096, chunk_elems=1000))
+
+
+def test_in_process_outputs(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    [sig_path] = fingerprint(small_cfg(tiny_models["moge"], tmp_path))
+    sig = load_signature(sig_path)
+    assert sig.identity["adapter"] and sig.num_layers == 3
+    assert sig.identity["num_experts"] == 16 and sig.identity["experts_per_group"] == 2
+    assert not sig.doc["unmapped"]
+    with open(tmp_path / "tensors.csv") as f:
+        rows = list(csv.DictReader(f))
+    for col in ("name", "layer", "role", "expert", "group", "part", "dtype", "numel", "mean",
+                "std", "rms", "absmax", "max"):
+        assert col in rows[0]
+    assert len(rows) == len(sig.tensors)
+    assert (tmp_path / "profile.png").stat().st_size > 1000
+    # the expert aggregate per layer and per MoGE group
+    layer0 = [r for r in sig.layers if r["layer"] == 0 and r["role"] == "moe.expert.up"]
+    assert len(layer0) == 1 + 8 and {r["group"] for r in layer0} == {None, *range(8)}
+    pooled = next(r for r in layer0 if r["group"] is None)
+    assert pooled["tensors"] == 16 and pooled["expert_std_spread"] >= 0
+    assert any(r["role"] == "moe.router_scale" for r in sig.layers)
+    # stats against a direct float64 computation for one tensor
+    from safetensors.torch import load_file
+
+    t = load_file(str(tiny_models["moge"] / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    x = t[name].double()
+    row = next(r for r in sig.tensors if r["name"] == name)
+    assert row["std"] == pytest.approx(x.std().item(), rel=1e-9)
+    assert row["absmax"] == pytest.approx(x.abs().max().item(), rel=0)
+
+
+def test_content_hash_finds_identical_tensors(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from conftest import TINY_SHAPE
+
+    from npu_fp import zoo
+
+    base = zoo.dense_tensors(TINY_SHAPE, seed=0)
+    changed = "model.layers.1.mlp.up_proj.weight"
+    base[changed] = base[changed] * 1.001
+    other = zoo.write_checkpoint(tmp_path / "edited", base, zoo.qwen2_config(TINY_SHAPE))
+    a = load_signature(fingerprint(small_cfg(tiny_models["dense"], tmp_path / "a"))[0])
+    b = load_signature(fingerprint(small_cfg(other, tmp_path / "b"))[0])
+    ha = {r["name"]: r["hash"] for r in a.tensors if not r["part"]}
+    hb = {r["name"]: r["hash"] for r in b.tensors if not r["part"]}
+    assert ha.keys() == hb.keys()
+    assert [n for n in ha if ha[n] != hb[n]] == [changed]
+    assert a.identity["content_hash"] != b.identity["content_hash"]
+
+
+def test_nan_inf_reported_not_fatal(tmp_path: Path) -> None:
+    d = tmp_path / "nanmodel"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                               "model_type": "llama", "num_hidden_layers": 1}))
+    w = torch.randn(8, 8)
+    w[0, 0], w[1, 1] = float("nan"), float("inf")
+    save_file({"model.layers.0.self_attn.q_proj.weight": w}, str(d / "model.safetensors"))
+    sig = load_signature(fingerprint(small_cfg(d, tmp_path / "out"))[0])
+    [row] = sig.tensors
+    assert row["nan"] == 1 and row["inf"] == 1 and row["numel"] == 64
+    finite = w[torch.isfinite(w)].double()
+    assert row["std"] == pytest.approx(finite.std().item(), rel=1e-9)
+
+
+def test_corrupted_signature_detected(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    p = fingerprint(small_cfg(tiny_models["dense"], tmp_path))[0]
+    doc = json.loads(p.read_text())
+    doc["tensors"][0]["std"] = 0.5
+    p.write_text(json.dumps(doc))
+    with pytest.raises(SignatureError, match="corrupted"):
+        load_signature(p)
+    doc["schema_version"] = 0
+    p.write_text(json.dumps(doc))
+    with pytest.raises(SignatureError, match="schema 0"):
+        load_signature(p)
+
+
+@pytest.mark.slow
+def test_cli_bad_input_exits_nonzero_without_partial_output(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{nope}")
+    out = tmp_path / "out"
+    r = run_cli(["-m", "npu_fp", "fingerprint", f"model.path={bad}", f"hydra.run.dir={out}"],
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "model.safetensors" in r.stderr and "error" in r.stderr
+    assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_prints_plan(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    r = run_cli(["-m", "npu_fp", "fingerprint", f"model.path={tiny_models['moge']}",
+                 "dry_run=true", "world_size=8", "plan.expert_groups=true",
+                 f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "rank 7:" in r.stdout and "expert groups" in r.stdout
+    assert not (tmp_path / "signature.json").exists()
+
+
+def torchrun(n: int, model: Path, out: Path, *extra: str):
+    return run_cli(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                    "-m", "npu_fp", "fingerprint", f"model.path={model}", f"hydra.run.dir={out}",
+                    *SMALL, *extra], cwd=out.parent)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["dense", "moge"])
+def test_signatures_identical_for_1_2_3_ranks(tiny_models: dict[str, Path], tmp_path: Path,
+                                              model: str) -> None:
+    extra = ["plan.expert_groups=true"] if model == "moge" else []
+    outs = []
+    for n in (1, 2, 3):
+        out = tmp_path / f"r{n}"
+        r = torchrun(n, tiny_models[model], out, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(out)
+        assert (out / "logs" / f"rank{n - 1}.log").exists()  # per-rank logs
+    ref = (outs[0] / "signature.json").read_bytes()
+    for out in outs[1:]:
+        assert (out / "signature.json").read_bytes() == ref
+        assert (out / "tensors.csv").read_bytes() == (outs[0] / "tensors.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_launcher_with_two_cpu_ranks(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {"NPROC": "2", "RUN_DIR": str(out), "PYTHON": sys.executable,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    import subprocess
+
+    r = subprocess.run([str(REPO / "launch" / "run.sh"), "fingerprint",
+                        f"model.path={tiny_models['dense']}", *SMALL],
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_signature(out / "signature.json").num_layers == 3
+    assert (out / "logs" / "rank1.log").exists()
