@@ -8,6 +8,7 @@ table to rank 0, which merges segments in a fixed order and alone writes the out
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,14 +204,19 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
     error: BaseException | None = None
     table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
     digests: dict[int, bytes] = {}
+    t_compute = time.perf_counter()
     try:
         table, digests = compute_table(ctx, cfg, source, rolemap, layout)
     except (CheckpointError, OSError, RuntimeError) as e:
         log.error("rank %d failed: %s", ctx.rank, e)
         error = e
     main_raises_everywhere(ctx, error)
+    log.info("rank %d computed %d bytes in %.2f s; peak RSS %.0f MiB", ctx.rank,
+             sum(layout.plan.bytes_per_rank()[ctx.rank:ctx.rank + 1]), time.perf_counter() - t0,
+             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     table = reduce_rows_to_main(ctx, table)
     all_digests = gather_objects_to_main(ctx, digests)
+    t_compute = time.perf_counter() - t_compute
     if not ctx.is_main:
         return None
     assert all_digests is not None
@@ -232,6 +238,8 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
     elapsed = time.perf_counter() - t0
     log.info("%s: %.3f GiB in %.2f s (%.2f GB/s) -> %s", model_name, source.total_bytes / 2**30,
              elapsed, source.total_bytes / 1e9 / max(elapsed, 1e-9), out_dir)
+    print(f"job: {model_name} bytes={source.total_bytes} seconds={elapsed:.3f} "
+          f"stream_seconds={t_compute:.3f}")
     return Signature(sig.doc, str(out_dir / "signature.json"))
 
 
