@@ -59,18 +59,32 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# Hydra flags followed by a value (which is not a command word)
+HYDRA_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cn", "--config-name", "-cp",
+                     "--config-path", "-cd", "--config-dir", "--info", "--experimental-rerun"}
+
+
 def cli() -> None:
     argv = sys.argv[1:]
     extra = []
-    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
-        cmd = argv.pop(0)
-        if cmd not in COMMANDS:
-            print(f"npu-fp: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}",
+    for i, arg in enumerate(argv):
+        if arg.startswith("-") or "=" in arg or (i and argv[i - 1] in HYDRA_VALUE_FLAGS):
+            continue
+        if arg not in COMMANDS:
+            print(f"npu-fp: error: unknown command {arg!r}; expected one of {', '.join(COMMANDS)}",
                   file=sys.stderr)
             sys.exit(2)
-        extra.append(f"command={cmd}")
+        del argv[i]
+        extra.append(f"command={arg}")
+        break
+    if "RANK" in os.environ and not any(a.startswith("hydra.run.dir=") for a in argv):
+        # every rank would resolve ${now:...} on its own and could land in another second: derive
+        # one directory from what torchrun gives all ranks alike
+        run_id = "-".join(os.environ.get(k, "x") for k in
+                          ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+        extra.append(f"hydra.run.dir=outputs/torchrun/{run_id}")
     if os.environ.get("RANK", "0") != "0":
-        # one run directory for all ranks; only rank 0 records Hydra's config there
+        # only rank 0 records Hydra's config in the shared run directory
         extra.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv, *extra]
     _hydra_main()

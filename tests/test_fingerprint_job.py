@@ -164,3 +164,25 @@ def test_launcher_with_two_cpu_ranks(tiny_models: dict[str, Path], tmp_path: Pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_signature(out / "signature.json").num_layers == 3
     assert (out / "logs" / "rank1.log").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_without_run_dir_shares_one_directory(tiny_models: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    r = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                 "npu_fp", "fingerprint", f"model.path={tiny_models['dense']}", *SMALL],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [run_dir] = list((tmp_path / "outputs" / "torchrun").iterdir())
+    assert {p.name for p in (run_dir / "logs").iterdir()} == {"rank0.log", "rank1.log"}
+    assert (run_dir / "signature.json").is_file()
+
+
+@pytest.mark.slow
+def test_multirun_over_models(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    models = f"{tiny_models['dense']},{tiny_models['moge']}"
+    r = run_cli(["-m", "npu_fp", "--multirun", "fingerprint", f"model.path={models}",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = {load_signature(tmp_path / "sweep" / str(i)).identity["architecture"] for i in (0, 1)}
+    assert names == {"Qwen2ForCausalLM", "PanguProMoEForCausalLM"}
