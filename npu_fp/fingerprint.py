@@ -217,6 +217,11 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
     table = reduce_rows_to_main(ctx, table)
     all_digests = gather_objects_to_main(ctx, digests)
     t_compute = time.perf_counter() - t_compute
+    act = None
+    if cfg.activations.enabled:  # collective too: every rank takes part before rank 0 writes
+        from npu_fp.activations import run_activations
+
+        act = run_activations(ctx, cfg.activations, source.root, source)
     if not ctx.is_main:
         return None
     assert all_digests is not None
@@ -227,13 +232,13 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
     if Path(source.root).parent.name == "snapshots" and not (name or cfg.model.name):
         model_name = Path(source.root).parent.parent.name.removeprefix("models--")
     doc = signature_doc(cfg, source, rolemap, stats, skipped, model_name, ctx.device.type)
-    if cfg.activations.enabled:
-        from npu_fp.activations import run_activations
-        act = run_activations(ctx, cfg.activations, source.root, source)
-        if act is not None:
-            doc["activations"] = {"rows": act.rows, "routing": act.routing,
-                                  "settings": act.settings}
+    if act is not None:
+        doc["activations"] = {"rows": act.rows, "routing": act.routing, "settings": act.settings}
     sig = Signature(seal(doc))
+    if act is not None:
+        from npu_fp.activations import write_activation_outputs
+
+        write_activation_outputs(act, out_dir)
     write_outputs(sig, out_dir)
     elapsed = time.perf_counter() - t0
     log.info("%s: %.3f GiB in %.2f s (%.2f GB/s) -> %s", model_name, source.total_bytes / 2**30,
