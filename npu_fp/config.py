@@ -83,12 +83,31 @@ class ActivationsConfig:
 @dataclass
 class CompareConfig:
     p_threshold: float = 1e-6  # a pair is `related` when the combined weight-level p is below this
+    # p between p_threshold and weak_p is weak evidence: `inconclusive`, never `independent`
+    weak_p: float = 1e-3
     bank: str | None = None  # folder of signatures of known-independent models (profile nulls)
     cache_dir: str | None = None  # where signatures of fingerprinted models are cached
+    names: list[str] = field(default_factory=list)  # display names: models first, then signatures
+    max_tokens: int = 8192  # shared-vocabulary tokens sampled for the residual alignment
+    lap_max_units: int = 2048  # exact LAP up to this many units per side, row argmax above
+    proj_dim: int = 256  # unit matching projects the residual axis to this many dims when wider
+    sketch_dim: int = 32  # columns of the layer sketches behind the layer x layer matrix
+    max_pool_units: int = 65536  # skip unit matching into a larger FFN unit pool (with a warning)
+    seed: int = 0  # token subsample and projections
 
     def __post_init__(self) -> None:
         if not 0.0 < self.p_threshold < 1.0:
             raise ValueError(f"compare.p_threshold must be in (0, 1), got {self.p_threshold}")
+        if not self.p_threshold <= self.weak_p < 1.0:
+            raise ValueError(
+                f"compare.weak_p must be in [p_threshold, 1), got {self.weak_p} "
+                f"(p_threshold {self.p_threshold})"
+            )
+        for name in ("max_tokens", "lap_max_units", "proj_dim", "sketch_dim", "max_pool_units"):
+            if getattr(self, name) < 8:
+                raise ValueError(f"compare.{name} must be >= 8, got {getattr(self, name)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"compare.names must be unique, got {self.names}")
 
 
 @dataclass

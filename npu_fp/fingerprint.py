@@ -284,4 +284,12 @@ def fingerprint(cfg: RunConfig) -> list[Path]:
             if sig is not None and sig.path:
                 written.append(Path(sig.path))
                 print(f"signature: {sig.path}")
+        if cfg.model.path is None and not cfg.dry_run:
+            # the demo ends with the lineage report on the zoo it just fingerprinted
+            from npu_fp.compare.job import compare_models
+
+            sigs = [str(d / "signature.json") for _, d, _ in targets]
+            report = compare_models(ctx, cfg, models=[], signatures=sigs, out_dir=out / "compare")
+            if report is not None:
+                print(f"report: {report}")
         return written

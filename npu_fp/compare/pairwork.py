@@ -1,0 +1,182 @@
+"""The units of pairwise work that ranks execute: alignment, layer sketches, layer-pair tests.
+
+Each function depends only on its inputs (never on the rank or the number of ranks), so the job
+gets the same numbers from 1 or N ranks. Every read is one tensor of one layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from npu_fp.compare.align import Residual, align_pair
+from npu_fp.compare.tensors import ModelView
+from npu_fp.compare.units import (
+    block_test,
+    head_test,
+    inplace_test,
+    sketch,
+    to_units,
+)
+from npu_fp.config import CompareConfig
+
+log = logging.getLogger(__name__)
+
+ATTN = ("attn.q", "attn.k", "attn.v", "attn.o")
+FFN = {"gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
+SHARED = {"gate": "moe.shared.gate", "up": "moe.shared.up", "down": "moe.shared.down"}
+EXPERT = {"gate": "moe.expert.gate", "up": "moe.expert.up", "down": "moe.expert.down"}
+
+
+@dataclass(frozen=True)
+class Prep:
+    """What every layer item of a pair needs: the residual map (None: no weight tests)."""
+
+    residual: Residual | None
+    align: dict
+    head_rows: list[dict]
+
+
+def prepare(a: ModelView, b: ModelView, cfg: CompareConfig, device: torch.device) -> Prep:
+    res, info, head_rows = align_pair(a, b, device, cfg.max_tokens, cfg.seed)
+    return Prep(res, info, head_rows)
+
+
+def layer_sketch(view: ModelView, layer: int, res: Residual, side: str, device: torch.device,
+                 k: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for role in ATTN:
+        m = view.read(layer, role)
+        if m is not None and m.ndim == 2:
+            out[role] = sketch(to_units(m, role, res, side, device), k)
+    return out
+
+
+class _Layer:
+    """One layer of one model, read lazily and at most once per tensor."""
+
+    def __init__(self, view: ModelView, layer: int, res: Residual, side: str,
+                 device: torch.device) -> None:
+        self.view, self.layer, self.res, self.side, self.device = view, layer, res, side, device
+        self._cache: dict[tuple[str, int | None], torch.Tensor | None] = {}
+
+    def units(self, role: str, expert: int | None = None) -> torch.Tensor | None:
+        """[units, residual'] of one matrix; routed experts are not cached (a MoE layer's experts
+        together can be several GiB), everything else is read once per layer."""
+        key = (role, expert)
+        if key in self._cache:
+            return self._cache[key]
+        m = self.view.read(self.layer, role, expert)
+        ok = m is not None and m.ndim == 2 and _residual_fits(m, role, self.res, self.side)
+        x = to_units(m, role, self.res, self.side, self.device) if ok else None
+        if expert is None:
+            self._cache[key] = x
+        return x
+
+    def blocks(self) -> list[tuple[str, int | None, dict[str, str]]]:
+        out: list[tuple[str, int | None, dict[str, str]]] = []
+        if self.view.has(self.layer, "mlp.gate") or self.view.has(self.layer, "mlp.up"):
+            out.append(("mlp", None, FFN))
+        if self.view.has(self.layer, "moe.shared.gate") or self.view.has(self.layer, "moe.shared.up"):
+            out.append(("shared", None, SHARED))
+        out += [(f"expert {e}", e, EXPERT) for e in self.view.experts(self.layer)]
+        return out
+
+    def block(self, expert: int | None, roles: dict[str, str]) -> dict[str, torch.Tensor]:
+        got = {short: self.units(role, expert) for short, role in roles.items()}
+        return {k: v for k, v in got.items() if v is not None}
+
+
+def _residual_fits(m: torch.Tensor, role: str, res: Residual, side: str) -> bool:
+    from npu_fp.compare.units import READERS
+
+    dim = m.shape[1] if role in READERS else m.shape[0]
+    idx = res.idx_a if side == "a" else res.idx_b
+    return bool(idx) and max(idx) < dim
+
+
+def _heads(view: ModelView) -> tuple[int | None, int | None]:
+    cfg = view.source.config
+    nh = cfg.get("num_attention_heads")
+    nkv = cfg.get("num_key_value_heads", nh)
+    return (nh if isinstance(nh, int) else None, nkv if isinstance(nkv, int) else None)
+
+
+def layer_pair(a: ModelView, b: ModelView, la: int, lb: int, prep: Prep, cfg: CompareConfig,
+               device: torch.device, diagonal: bool) -> dict:
+    """All tests between layer `la` of A and layer `lb` of B.
+
+    `diagonal` is False when the pair was chosen by the attention-based layer matching; attention
+    tests are then left out, because their data chose the pair (the FFN tests stay valid: under
+    the null, FFN weights are independent of attention weights).
+    """
+    res = prep.residual
+    assert res is not None
+    A = _Layer(a, la, res, "a", device)
+    B = _Layer(b, lb, res, "b", device)
+    inplace: list[dict] = []
+    roles: list[tuple[str, int | None]] = []
+    if diagonal:
+        roles += [(r, None) for r in ATTN]
+    roles += [(r, None) for r in (*FFN.values(), *SHARED.values(), "moe.router")]
+    roles += [(r, e) for e in sorted(set(a.experts(la)) & set(b.experts(lb))) for r in EXPERT.values()]
+    for role, expert in roles:
+        if not (a.has(la, role, expert) and b.has(lb, role, expert)):
+            continue
+        xa, xb = A.units(role, expert), B.units(role, expert)
+        if xa is None or xb is None:
+            continue
+        t = inplace_test(xa, xb)
+        if t is not None:
+            inplace.append({"role": role, "layer_a": la, "layer_b": lb, "expert": expert, **t})
+    blocks = _block_tests(a, b, A, B, la, lb, cfg)
+    head = None
+    if diagonal:
+        (nh_a, nkv_a), (nh_b, nkv_b) = _heads(a), _heads(b)
+        if nh_a and nh_a == nh_b and nkv_a == nkv_b:
+            qa = {k[-1]: A.units(k) for k in ATTN}
+            qb = {k[-1]: B.units(k) for k in ATTN}
+            qa = {k: v for k, v in qa.items() if v is not None}
+            qb = {k: v for k, v in qb.items() if v is not None}
+            if qa.get("q") is not None and qb.get("q") is not None and qa["q"].shape == qb["q"].shape:
+                head = head_test(qa, qb, nh_a, nkv_a or nh_a, cfg.lap_max_units)
+    if head is not None:
+        head.update(layer_a=la, layer_b=lb)
+    return {"layer_a": la, "layer_b": lb, "inplace": inplace, "blocks": blocks, "heads": head}
+
+
+def _block_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: int,
+                 cfg: CompareConfig) -> list[dict]:
+    """Blocks of the model with more FFN blocks (the MoE) matched into the other's units."""
+    blocks_a, blocks_b = A.blocks(), B.blocks()
+    if not blocks_a or not blocks_b:
+        return []
+    src, dst, direction = (B, A, "b->a") if len(blocks_b) > len(blocks_a) else (A, B, "a->b")
+    pool_parts = [dst.block(e, roles) for _, e, roles in dst.blocks()]
+    pool_units = sum(next(iter(p.values())).shape[0] for p in pool_parts if p)
+    if pool_units > cfg.max_pool_units:
+        log.warning("layer %d/%d: %d pool units exceed compare.max_pool_units=%d; unit matching "
+                    "skipped", la, lb, pool_units, cfg.max_pool_units)
+        return []
+    pool_parts = [p for p in pool_parts if p]
+    local = None
+    if len(pool_parts) > 1:
+        local = np.concatenate([np.arange(next(iter(p.values())).shape[0]) for p in pool_parts])
+    pool = {}
+    for short in ("gate", "up", "down"):
+        parts = [p[short] for p in pool_parts if short in p]
+        if len(parts) == len(pool_parts) and parts:
+            pool[short] = torch.cat(parts, dim=0)
+    out = []
+    for label, expert, roles in src.blocks():
+        blk = src.block(expert, roles)
+        t = block_test(blk, pool, cfg.lap_max_units, cfg.proj_dim, local)
+        if t is None:
+            continue
+        group = src.view.group_of(src.layer, expert) if expert is not None else None
+        out.append({"block": label, "expert": expert, "group": group, "direction": direction,
+                    "layer_a": la, "layer_b": lb, **t})
+    return out

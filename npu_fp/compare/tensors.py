@@ -1,0 +1,191 @@
+"""A checkpoint seen through its roles: find one layer's matrices and read them, one at a time.
+
+Comparisons never load a model whole: a `ModelView` holds only headers and the role map, and each
+read returns one tensor (or one fused part, or selected rows of the embedding) as float32 in the
+`[out, in]` orientation, whatever the checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from npu_fp.arch import map_roles
+from npu_fp.arch.base import PartSpec, RoleMap, TensorRole
+from npu_fp.io.reader import FileCache, RowReader
+from npu_fp.io.safetensors_header import TensorRef
+from npu_fp.io.source import ModelSource, open_model
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int | None, str, int | None]  # (layer, role, expert)
+READ_BUFFER = 32 << 20
+
+
+@dataclass
+class ModelView:
+    source: ModelSource
+    rolemap: RoleMap
+    index: dict[Key, tuple[str, PartSpec | None]]
+    vocab: dict[str, int] | None  # token string -> id, from tokenizer.json / vocab.json
+    vocab_note: str
+    _files: FileCache = field(default_factory=FileCache)
+    _reader: RowReader | None = None
+
+    @property
+    def root(self) -> str:
+        return self.source.root
+
+    @property
+    def num_layers(self) -> int:
+        return self.rolemap.num_layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.rolemap.num_experts
+
+    def has(self, layer: int | None, role: str, expert: int | None = None) -> bool:
+        return (layer, role, expert) in self.index
+
+    def experts(self, layer: int) -> list[int]:
+        return sorted({k[2] for k in self.index if k[0] == layer and k[1] == "moe.expert.gate"
+                       and k[2] is not None})
+
+    def group_of(self, layer: int, expert: int) -> int | None:
+        name, _ = self.index[(layer, "moe.expert.gate", expert)]
+        return self.rolemap.roles[name].group
+
+    def shape(self, layer: int | None, role: str, expert: int | None = None) -> tuple[int, int] | None:
+        """[out, in] shape of the role (a fused part's own extent), None when absent or not 2-D."""
+        entry = self.index.get((layer, role, expert))
+        if entry is None:
+            return None
+        name, part = entry
+        ref, tr = self.source.tensors[name], self.rolemap.roles[name]
+        if len(ref.shape) != 2:
+            return None
+        rows, cols = ref.shape
+        if part is not None:
+            rows, cols = (part.size(), cols) if part.dim == 0 else (rows, part.size())
+        return (cols, rows) if tr.transposed else (rows, cols)
+
+    def nbytes(self, layer: int | None, role: str, expert: int | None = None) -> int:
+        entry = self.index.get((layer, role, expert))
+        return 0 if entry is None else self.source.tensors[entry[0]].nbytes
+
+    def layer_bytes(self, layer: int) -> int:
+        return sum(self.source.tensors[name].nbytes for (lay, _, _), (name, part) in self.index.items()
+                   if lay == layer and part is None)
+
+    def ref(self, layer: int | None, role: str, expert: int | None = None) -> TensorRef | None:
+        entry = self.index.get((layer, role, expert))
+        return None if entry is None else self.source.tensors[entry[0]]
+
+    def _rows(self, ref: TensorRef, r0: int, r1: int) -> torch.Tensor:
+        if self._reader is None:
+            self._reader = RowReader(self._files, READ_BUFFER)
+        x = self._reader.read(ref, r0, r1)
+        return self._reader.widen(ref, x, r0).to(torch.float32).clone()
+
+    def read(self, layer: int | None, role: str, expert: int | None = None) -> torch.Tensor | None:
+        """The role's matrix, float32 [out, in] on the host; None when the model lacks it."""
+        entry = self.index.get((layer, role, expert))
+        if entry is None:
+            return None
+        name, part = entry
+        ref, tr = self.source.tensors[name], self.rolemap.roles[name]
+        x = self._rows(ref, 0, ref.rows).reshape(ref.shape) if ref.shape else None
+        if x is None:
+            return None
+        if part is not None:
+            idx = torch.cat([torch.arange(a, b) for a, b in part.ranges])
+            x = x.index_select(part.dim, idx)
+        return x.t().contiguous() if tr.transposed and x.ndim == 2 else x
+
+    def read_rows(self, role: str, ids: list[int]) -> torch.Tensor | None:
+        """Selected rows of a [vocab, hidden] global tensor, streamed block by block."""
+        entry = self.index.get((None, role, None))
+        if entry is None or self.rolemap.roles[entry[0]].transposed:
+            return None
+        ref = self.source.tensors[entry[0]]
+        if len(ref.shape) != 2:
+            return None
+        want = torch.tensor(ids, dtype=torch.long)
+        order = torch.argsort(want)
+        out = torch.empty(len(ids), ref.shape[1], dtype=torch.float32)
+        block = max(1, READ_BUFFER // max(ref.nbytes // max(ref.rows, 1), 1))
+        sorted_ids = want[order]
+        start = 0
+        for r0 in range(0, ref.rows, block):
+            r1 = min(ref.rows, r0 + block)
+            stop = int(torch.searchsorted(sorted_ids, r1))
+            if stop > start:
+                rows = self._rows(ref, r0, r1)
+                out[order[start:stop]] = rows[sorted_ids[start:stop] - r0]
+            start = stop
+        return out
+
+    def close(self) -> None:
+        self._files.close()
+        self._reader = None
+
+
+def build_index(rolemap: RoleMap) -> dict[Key, tuple[str, PartSpec | None]]:
+    """(layer, role, expert) -> (tensor name, part); whole tensors win over fused parts."""
+    index: dict[Key, tuple[str, PartSpec | None]] = {}
+    for name, tr in sorted(rolemap.roles.items()):
+        if tr.kind != "weight":
+            continue
+        for part in tr.parts:
+            index.setdefault((tr.layer, part.role, tr.expert), (name, part))
+    for name, tr in sorted(rolemap.roles.items()):
+        if tr.kind == "weight" and tr.role != "other":
+            index[(tr.layer, tr.role, tr.expert)] = (name, None)
+    return index
+
+
+def read_vocab(root: str | Path) -> tuple[dict[str, int] | None, str]:
+    """Token string -> id from tokenizer.json (any model type) or vocab.json; (None, why) if absent."""
+    root = Path(root)
+    tok = root / "tokenizer.json"
+    if tok.is_file():
+        try:
+            doc = json.loads(tok.read_text(encoding="utf-8"))
+            model = doc.get("model") or {}
+            raw = model.get("vocab")
+            vocab: dict[str, int] = {}
+            if isinstance(raw, dict):
+                vocab = {str(k): int(v) for k, v in raw.items()}
+            elif isinstance(raw, list):  # Unigram: [[piece, score], ...], id = position
+                vocab = {str(item[0]): i for i, item in enumerate(raw)}
+            for added in doc.get("added_tokens") or []:
+                vocab[str(added["content"])] = int(added["id"])
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            return None, f"{tok}: unreadable tokenizer ({e})"
+        if vocab:
+            return vocab, f"{tok.name}: {len(vocab)} tokens"
+        return None, f"{tok}: no vocabulary inside"
+    vj = root / "vocab.json"
+    if vj.is_file():
+        try:
+            raw = json.loads(vj.read_text(encoding="utf-8"))
+            return {str(k): int(v) for k, v in raw.items()}, f"vocab.json: {len(raw)} tokens"
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            return None, f"{vj}: unreadable vocabulary ({e})"
+    return None, f"{root}: no tokenizer.json or vocab.json"
+
+
+def open_view(path: str, lm_prefix: str | None = None) -> ModelView:
+    source = open_model(path)
+    shapes = {n: r.shape for n, r in source.tensors.items()}
+    rolemap = map_roles(source.config, shapes, lm_prefix)
+    vocab, note = read_vocab(source.root)
+    return ModelView(source, rolemap, build_index(rolemap), vocab, note)
+
+
+def role_of(view: ModelView, name: str) -> TensorRole | None:
+    return view.rolemap.roles.get(name)

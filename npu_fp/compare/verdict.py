@@ -1,0 +1,205 @@
+"""From test results to a verdict: families, ranked evidence, localization and the rule.
+
+Rule (reported in every report.json):
+- `related` when the combined weight-level p-value is below `compare.p_threshold`;
+- `independent` when it is not, at least one weight-level test with power ran (shapes or a shared
+  vocabulary allowed it), and the combined p-value is at least `compare.weak_p`;
+- `inconclusive` otherwise, with the reason. Profile similarity never yields `related`.
+Within a family, tests in one layer are combined with the Cauchy combination (they may be copies,
+like upcycled experts) and layers with Fisher's method; the smallest family p-value is then
+Sidak-corrected for the number of families (see stats.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from npu_fp.compare.stats import (
+    LOG_P_FLOOR,
+    fisher_logp,
+    layered_logp,
+    log10p,
+    log_norm_sf,
+    p_value,
+    sidak_logp,
+)
+
+TIERS = {0: "identical bytes", 1: "aligned weights", 2: "matched units", 3: "profiles"}
+LOCAL_P = 1e-3  # a layer / role / expert is named in the localization when its own p is below
+RULE = ("related: combined weight-level p < p_threshold; independent: a powered weight-level test "
+        "ran and combined p >= weak_p; inconclusive otherwise. Profile scores never decide.")
+
+
+def _entry(kind: str, tier: int, logp: float | None, tests: int, powered: bool, summary: str,
+           **extra: object) -> dict:
+    return {
+        "kind": kind, "tier": tier, "tier_name": TIERS[tier],
+        "p_value": None if logp is None else p_value(logp),
+        "log10_p": None if logp is None else round(log10p(logp), 3),
+        "tests": tests, "powered": powered, "summary": summary, **extra,
+    }
+
+
+def identical_bytes(sig_a: dict, sig_b: dict) -> tuple[list[tuple[str, str]], str | None]:
+    """Non-trivial tensors whose stored bytes hash equal, matched by hash (names may differ)."""
+    if sig_a.get("segment_bytes") != sig_b.get("segment_bytes"):
+        return [], "signatures hashed with different plan.segment_bytes: byte identity not checked"
+    by_hash: dict[tuple, str] = {}
+    for row in sig_b["rows"]:
+        if _hashable(row):
+            by_hash.setdefault((row["hash"], row["dtype"], tuple(row["shape"])), row["name"])
+    out = []
+    for row in sig_a["rows"]:
+        if _hashable(row):
+            hit = by_hash.get((row["hash"], row["dtype"], tuple(row["shape"])))
+            if hit is not None:
+                out.append((row["name"], hit))
+    return out, None
+
+
+def _hashable(row: dict) -> bool:
+    # constant tensors (zero biases, unit norm gains) are identical in unrelated models too
+    return (bool(row.get("hash")) and not row.get("part") and row.get("kind") == "weight"
+            and (row.get("numel") or 0) >= 16 and (row.get("std") or 0.0) > 0.0)
+
+
+def families(hashes: list[tuple[str, str]], hash_note: str | None, align: dict | None,
+             head_rows: list[dict], layers: list[dict], zmat: np.ndarray | None,
+             depth_differs: bool) -> list[dict]:
+    fams = []
+    if hashes:
+        names = ", ".join(a if a == b else f"{a} = {b}" for a, b in hashes[:6])
+        more = f" (+{len(hashes) - 6} more)" if len(hashes) > 6 else ""
+        fams.append(_entry("identical_bytes", 0, LOG_P_FLOOR, len(hashes), False,
+                           f"{len(hashes)} non-constant tensors byte-identical: {names}{more}",
+                           tensors=[list(h) for h in hashes]))
+    elif hash_note:
+        fams.append(_entry("identical_bytes", 0, None, 0, False, hash_note))
+    inplace = [t for lr in layers for t in lr["inplace"]] + list(head_rows)
+    if align and align.get("powered"):
+        inplace.append({"role": align.get("role", "embed.tok"), "layer_a": None, "layer_b": None,
+                        "expert": None, "log_p": align["log_p"], "z": align["z"]})
+    if inplace:
+        best = min(inplace, key=lambda t: t["log_p"])
+        fams.append(_entry(
+            "aligned_weights", 1, _layered(inplace), len(inplace), True,
+            f"{len(inplace)} same-shape tensors in aligned coordinates; strongest {_where(best)} "
+            f"(z = {best['z']:.1f})", localization=_localize(inplace)))
+    if depth_differs and zmat is not None and zmat.size:
+        zmax = float(zmat.max())
+        i, j = np.unravel_index(int(zmat.argmax()), zmat.shape)
+        logp = sidak_logp(log_norm_sf(zmax), int(zmat.size))
+        fams.append(_entry("layer_matching", 1, logp, int(zmat.size), True,
+                           f"best layer pair A{i}~B{j} (z = {zmax:.1f}), Sidak over "
+                           f"{zmat.shape[0]}x{zmat.shape[1]} layer pairs"))
+    units = [b for lr in layers for b in lr["blocks"] if b["block"] == "mlp"]
+    heads = [lr["heads"] for lr in layers if lr.get("heads")]
+    if units or heads:
+        parts = []
+        if units:
+            frac = float(np.mean([b["frac"] for b in units]))
+            parts.append(f"FFN units matched by gate / up / down agree in {len(units)} layers "
+                         f"(mean agreement {frac:.0%})")
+        if heads:
+            parts.append(f"heads matched by q / o (and k / v) compared in {len(heads)} layers")
+        fams.append(_entry("matched_units", 2, _layered(units + heads), len(units + heads), True,
+                           "; ".join(parts), localization=_localize(units + heads)))
+    experts = [b for lr in layers for b in lr["blocks"] if b["block"] != "mlp"]
+    if experts:
+        fams.append(_upcycling(experts))
+    return fams
+
+
+def _layered(tests: list[dict]) -> float:
+    return layered_logp([((t.get("layer_a"), t.get("layer_b")), t["log_p"]) for t in tests])
+
+
+def _where(t: dict) -> str:
+    where = t["role"] if t.get("layer_a") is None else f"{t['role']} at layers {t['layer_a']}/{t['layer_b']}"
+    return where + (f" expert {t['expert']}" if t.get("expert") is not None else "")
+
+
+def _localize(tests: list[dict]) -> dict:
+    hit = [t for t in tests if t["log_p"] < math.log(LOCAL_P)]
+    pairs = sorted({(t["layer_a"], t["layer_b"]) for t in hit if t.get("layer_a") is not None})
+    roles = sorted({t.get("role") or t.get("block") or "heads" for t in hit})
+    return {"layer_pairs": [list(p) for p in pairs], "roles": roles,
+            "significant": len(hit), "of": len(tests)}
+
+
+def _upcycling(blocks: list[dict]) -> dict:
+    per_expert: dict[tuple, list[dict]] = defaultdict(list)
+    for b in blocks:
+        per_expert[(b["block"], b["expert"], b["group"])].append(b)
+    experts = []
+    for (label, e, g), bs in sorted(per_expert.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0)):
+        lp = fisher_logp([b["log_p"] for b in bs])
+        experts.append({"block": label, "expert": e, "group": g, "layers": len(bs),
+                        "frac": float(np.mean([b["frac"] for b in bs])), "log10_p": log10p(lp)})
+    by_group: dict[int, list[dict]] = defaultdict(list)
+    for b in blocks:
+        if b["group"] is not None:
+            by_group[b["group"]].append(b)
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for ex in experts:
+        if ex["group"] is not None:
+            groups[ex["group"]].append(ex)
+    group_rows = [{"group": g, "experts": len(xs), "frac": float(np.mean([x["frac"] for x in xs])),
+                   "log10_p": round(log10p(_layered(by_group[g])), 3)}
+                  for g, xs in sorted(groups.items())]
+    frac = float(np.mean([b["frac"] for b in blocks]))
+    direction = blocks[0]["direction"]
+    src = "A" if direction == "a->b" else "B"
+    logp = _layered(blocks)
+    return _entry("expert_units", 2, logp, len(blocks), True,
+                  f"{len(experts)} experts of {src} matched into the other model's FFN units: "
+                  f"{frac:.0%} of expert units agree with one parent unit",
+                  direction=direction, experts=experts, groups=group_rows,
+                  localization=_localize([{**b, "role": b["block"]} for b in blocks]))
+
+
+def decide(fams: list[dict], p_threshold: float, weak_p: float, blocked: str | None,
+           no_test_reason: str = "no weight-level test applies") -> dict:
+    """The verdict, the combined p-value and the reason."""
+    if blocked:
+        return {"verdict": "inconclusive", "p_value": None, "log10_p": None, "reason": blocked}
+    weight = [f for f in fams if f["tier"] <= 2 and f["log10_p"] is not None]
+    if not weight:
+        return {"verdict": "inconclusive", "p_value": None, "log10_p": None,
+                "reason": no_test_reason}
+    logp = sidak_logp(min(f["log10_p"] for f in weight) * math.log(10.0), len(weight))
+    base = {"p_value": p_value(logp), "log10_p": round(log10p(logp), 3)}
+    if logp < math.log(p_threshold):
+        top = min(weight, key=lambda f: (f["tier"], f["log10_p"]))
+        return {"verdict": "related", **base, "reason": f"{top['tier_name']}: {top['summary']}"}
+    if not any(f["powered"] for f in weight):
+        return {"verdict": "inconclusive", **base,
+                "reason": "no weight-level test with power (shapes and vocabularies do not allow one)"}
+    if logp < math.log(weak_p):
+        return {"verdict": "inconclusive", **base,
+                "reason": f"weak weight-level evidence: p between {p_threshold:g} and {weak_p:g}"}
+    return {"verdict": "independent", **base,
+            "reason": "weight-level tests with power found no shared origin"}
+
+
+def rank_evidence(fams: list[dict], profile_entry: dict | None) -> list[dict]:
+    """identical bytes > aligned weights > matched units > profiles; strongest first within tier."""
+    out = sorted(fams, key=lambda f: (f["tier"], f["log10_p"] if f["log10_p"] is not None else 1.0))
+    return out + ([profile_entry] if profile_entry else [])
+
+
+def profile_evidence(scores: dict, calib: dict) -> dict:
+    s = scores.get("honestagi_score")
+    c = calib.get("honestagi_score", {})
+    if c.get("calibrated"):
+        note = f"empirical p = {c['p_empirical']:.3g} against {c['n_null']} bank pairs"
+        logp = math.log(c["p_empirical"])
+    else:
+        note, logp = "uncalibrated (no reference bank)", None
+    text = "n/a" if s is None else f"{s:.3f}"
+    return _entry("profiles", 3, logp, len([v for v in scores.values() if v is not None]), False,
+                  f"honestagi_score {text}, {note}; screening only, never decisive",
+                  decisive=False)

@@ -1,0 +1,96 @@
+"""The comparison report: report.json, report.md and its PNG figures, each written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from npu_fp.io.atomic import write_text_atomic
+from npu_fp.report import compare_plots
+
+
+def _clean(x: object) -> object:
+    """JSON without NaN / Infinity: non-finite floats become null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        return _clean(x.item())
+    return x
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def _p(pair: dict) -> str:
+    if pair.get("log10_p") is None:
+        return "n/a"
+    if pair["log10_p"] < -300:
+        return "< 1e-300"
+    return f"= {10 ** pair['log10_p']:.2e}"
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def write_report(doc: dict, out_dir: Path) -> Path:
+    """Figures first, then report.md, then report.json (its presence means complete)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = _clean(doc)
+    figs = compare_plots.write_figures(doc, out_dir)
+    doc["figures"] = {k: (v if isinstance(v, str) else dict(v)) for k, v in figs.items()}
+    write_text_atomic(out_dir / "report.md", markdown(doc))
+    path = write_text_atomic(out_dir / "report.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def markdown(doc: dict) -> str:
+    figs = doc.get("figures", {})
+    lines = [
+        "# npu_fp lineage comparison", "",
+        f"Verdict threshold: a pair is **related** when the combined weight-level p-value is below "
+        f"**{doc['p_threshold']:g}**; it is **independent** only when a weight-level test with "
+        f"power ran and p >= {doc['weak_p']:g}. Rule: {doc['rule']}", "",
+        "Profile scores (HonestAGI and variants) are screening only: "
+        + ("calibrated against the reference bank " f"`{doc['bank']['folder']}`."
+           if doc.get("bank") else "**uncalibrated** (no reference bank given: `compare.bank=DIR`)."),
+        "", "## Models", "", "| name | arch | layers | experts | path |", "|---|---|---|---|---|",
+    ]
+    for m in doc["models"]:
+        lines.append(f"| {m['name']} | {m['arch']} | {m['num_layers']} | {m['num_experts']} | "
+                     f"`{m['path']}` |")
+    lines += ["", "## Verdicts", "", "| a | b | verdict | p-value | honestagi_score | reason |",
+              "|---|---|---|---|---|---|"]
+    for p in doc["pairs"]:
+        lines.append(f"| {p['a']} | {p['b']} | **{p['verdict']}** | {_p(p).removeprefix('= ')} | "
+                     f"{_f(p['honestagi_score'])} | {p['reason']} |")
+    for key, title in (("verdicts", "Verdict / p-value matrix"),
+                       ("profiles", "Normalized std per role over depth (the HonestAGI figure)"),
+                       ("bias_max", "Raw q/k/v bias maximum over depth")):
+        if key in figs:
+            lines += ["", f"![{title}]({figs[key]})"]
+    for p in doc["pairs"]:
+        lines += ["", f"## {p['a']} vs {p['b']}: {p['verdict']} (p {_p(p)})", "",
+                  f"Reason: {p['reason']}", "", "Evidence, strongest first:", ""]
+        for e in p["evidence"]:
+            pv = "" if e.get("log10_p") is None else f" (p {_p(e)})"
+            lines.append(f"- *{e['tier_name']}* / `{e['kind']}`{pv}: {e['summary']}")
+        if p.get("localization"):
+            lines += ["", "Localization: `" + json.dumps(p["localization"])[:1500] + "`"]
+        al = p.get("alignment") or {}
+        if al:
+            lines += ["", f"Residual alignment: {al.get('note', '')}; map: {al.get('map', 'n/a')}"]
+        key = f"{p['a']}|{p['b']}"
+        for kind, title in (("layers", "Layer x layer matching"), ("experts", "Expert -> parent map")):
+            f = figs.get(kind, {}).get(key) if isinstance(figs.get(kind), dict) else None
+            if f:
+                lines += ["", f"![{title}]({f})"]
+    return "\n".join(lines) + "\n"
