@@ -74,10 +74,15 @@ def distributed(device_request: str, timeout_s: float = 1800.0) -> Iterator[Dist
         dist.init_process_group(**kwargs)
     else:
         log.warning("process group already initialised; reusing it")
+    ctx = DistContext(rank, local_rank, world, device, backend)
+    ok = False
     try:
-        yield DistContext(rank, local_rank, world, device, backend)
+        yield ctx
+        ok = True
     finally:
         if owns_group and dist.is_initialized():
+            if ok:
+                _closing_handshake(ctx)
             dist.destroy_process_group()
 
 
@@ -85,13 +90,35 @@ def reduce_rows_to_main(ctx: DistContext, table: torch.Tensor) -> torch.Tensor:
     """Sum a [n_slots, n_fields] table onto rank 0, where each rank filled only its own slots.
 
     Every slot has exactly one writer and zeros elsewhere, so the sum is exact (x + 0 == x) and the
-    result does not depend on the number of ranks.
+    result does not depend on the number of ranks. Point-to-point in rank order rather than
+    `dist.reduce`: gloo frees a finished collective's work on a worker thread after the call
+    returns, and a rank that reaches interpreter shutdown first aborts ("terminate called without
+    an active exception", seen once in 10-36 three-rank launches); send / recv work is owned by the
+    calling thread.
     """
     if not ctx.distributed:
         return table
-    buf = table.to(ctx.device.torch)
-    dist.reduce(buf, dst=0, op=dist.ReduceOp.SUM)
-    return buf.cpu()
+    if ctx.is_main:
+        buf = torch.empty_like(table)
+        for src in range(1, ctx.world_size):
+            dist.recv(buf, src=src)
+            table += buf
+    else:
+        dist.send(table.contiguous(), dst=0)
+    return table
+
+
+def _closing_handshake(ctx: DistContext) -> None:
+    """Every rank waits, without holding the GIL, until all ranks are done (see above)."""
+    token = torch.zeros(1)
+    if ctx.is_main:
+        for src in range(1, ctx.world_size):
+            dist.recv(token, src=src)
+        for dst in range(1, ctx.world_size):
+            dist.send(token, dst=dst)
+    else:
+        dist.send(token, dst=0)
+        dist.recv(token, src=0)
 
 
 def gather_objects_to_main(ctx: DistContext, obj: Any) -> list[Any] | None:

@@ -22,7 +22,6 @@ from npu_fp.arch.base import RoleMap, TensorRole
 from npu_fp.config import RunConfig
 from npu_fp.dist import (
     DistContext,
-    gather_objects_to_main,
     main_raises_everywhere,
     reduce_rows_to_main,
 )
@@ -86,11 +85,19 @@ def check_expectations(cfg: RunConfig, source: ModelSource, rolemap: RoleMap) ->
         )
 
 
+def digest_words(digest: bytes) -> list[float]:
+    """A 128-bit digest as four 32-bit words: exact in float64, so it travels in the table."""
+    return [float(int.from_bytes(digest[i:i + 4], "big")) for i in range(0, 16, 4)]
+
+
+def words_digest(words: list[float]) -> bytes:
+    return b"".join(int(w).to_bytes(4, "big") for w in words)
+
+
 def compute_table(ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap: RoleMap,
-                  layout: Layout) -> tuple[torch.Tensor, dict[int, bytes]]:
-    """This rank's slots of the table, plus the digests of the segments it read."""
+                  layout: Layout) -> torch.Tensor:
+    """This rank's slots of the table: moments of whole and parts, digest of each segment."""
     table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
-    digests: dict[int, bytes] = {}
     mine = layout.plan.assignment[ctx.rank]
     kernel = MomentKernel(ctx.device, cfg.stats.chunk_elems)
     my_bytes = sum(layout.plan.items[i].nbytes for i in mine)
@@ -106,16 +113,16 @@ def compute_table(ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap
             res = item_stats(reader, kernel, ref, role, item, cfg.stats.read_bytes, scale)
             slot = layout.first_slot[i]
             table[slot, :9] = torch.tensor(res.whole.to_row(), dtype=torch.float64)
+            table[slot, 9:13] = torch.tensor(digest_words(res.digest), dtype=torch.float64)
             for j, pm in enumerate(res.parts):
                 table[slot + 1 + j, :9] = torch.tensor(pm.to_row(), dtype=torch.float64)
-            digests[i] = res.digest
             progress.advance(item.nbytes * ctx.world_size)
     progress.close()
-    return table, digests
+    return table
 
 
-def finish_stats(layout: Layout, table: torch.Tensor, digests: dict[int, bytes],
-                 source: ModelSource, rolemap: RoleMap) -> list[TensorStats]:
+def finish_stats(layout: Layout, table: torch.Tensor, source: ModelSource,
+                 rolemap: RoleMap) -> list[TensorStats]:
     """Rank 0: merge segments in order into one TensorStats per tensor and per fused part."""
     rows = table.tolist()
     merged: dict[str, list[Moments]] = {}
@@ -127,10 +134,12 @@ def finish_stats(layout: Layout, table: torch.Tensor, digests: dict[int, bytes],
         acc = merged.setdefault(item.tensor, [Moments() for _ in range(1 + nparts)])
         for j in range(1 + nparts):
             acc[j].merge(Moments.from_row(rows[slot + j]))
-        seg_digests.setdefault(item.tensor, []).append(digests[i])
+        seg_digests.setdefault(item.tensor, []).append(words_digest(rows[slot][9:13]))
     out = []
     for name, acc in merged.items():
         ref = source.tensors[name]
+        counted = acc[0].n + acc[0].nan + acc[0].inf
+        assert counted == ref.numel, f"{name}: {counted} of {ref.numel} elements reduced"
         role = rolemap.roles.get(name) or TensorRole(name=name, role="other")
         segs = seg_digests[name]
         digest = segs[0] if len(segs) == 1 else xxhash.xxh3_128(b"".join(segs)).digest()
@@ -203,10 +212,9 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
     layout = build_layout(plan, rolemap.roles)
     error: BaseException | None = None
     table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
-    digests: dict[int, bytes] = {}
     t_compute = time.perf_counter()
     try:
-        table, digests = compute_table(ctx, cfg, source, rolemap, layout)
+        table = compute_table(ctx, cfg, source, rolemap, layout)
     except (CheckpointError, OSError, RuntimeError) as e:
         log.error("rank %d failed: %s", ctx.rank, e)
         error = e
@@ -215,7 +223,6 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
              sum(layout.plan.bytes_per_rank()[ctx.rank:ctx.rank + 1]), time.perf_counter() - t0,
              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     table = reduce_rows_to_main(ctx, table)
-    all_digests = gather_objects_to_main(ctx, digests)
     t_compute = time.perf_counter() - t_compute
     act = None
     if cfg.activations.enabled:  # collective too: every rank takes part before rank 0 writes
@@ -224,10 +231,7 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
         act = run_activations(ctx, cfg.activations, source.root, source)
     if not ctx.is_main:
         return None
-    assert all_digests is not None
-    merged = {k: v for d in all_digests for k, v in d.items()}
-    assert len(merged) == len(plan.items), "every work item must be computed exactly once"
-    stats = finish_stats(layout, table, merged, source, rolemap)
+    stats = finish_stats(layout, table, source, rolemap)
     model_name = name or cfg.model.name or Path(source.root).name
     if Path(source.root).parent.name == "snapshots" and not (name or cfg.model.name):
         model_name = Path(source.root).parent.parent.name.removeprefix("models--")

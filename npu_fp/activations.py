@@ -1,0 +1,210 @@
+"""The activation step: per-layer norms of the residual stream, attention and MLP outputs.
+
+`npu-fp activations model.path=DIR` (and the fingerprint job when `activations.enabled=true`) runs
+corpus text through the model layer by layer (npu_fp.forward) and records, for every layer, the mean
+and spread over tokens of the L2 norm of the layer's output (`residual`), of its attention branch
+(`attn`) and of its MLP / MoE branch (`mlp`), plus for MoE layers the tokens routed to each expert
+and each expert group. All inputs are checked, on every rank, before any device work starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from npu_fp.config import ActivationsConfig, RunConfig
+from npu_fp.dist import DistContext, main_raises_everywhere
+from npu_fp.forward.corpus import make_batches
+from npu_fp.forward.errors import ActivationInputError, SequenceLengthError
+from npu_fp.forward.layers import StreamModel
+from npu_fp.forward.parallel import pipeline_stages, reduce_tables, run_data, run_pipeline
+from npu_fp.forward.stream import STREAMS, LayerStreamer, NormTables
+from npu_fp.io.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+READ_BUFFER_BYTES = 32 << 20
+ROW_FIELDS = ("layer", "stream", "mean_norm", "std_norm", "tokens", "nan", "inf")
+ROUTING_FIELDS = ("layer", "expert", "group", "tokens")
+
+
+@dataclass
+class ActivationResult:
+    # one row per (layer, stream): mean / std over the finite per-token norms; `tokens` counts all
+    # tokens seen, `nan` and `inf` those whose norm was not finite (excluded from mean and std)
+    rows: list[dict]
+    # one row per (MoE layer, expert), then one per (layer, group) with expert None
+    routing: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+def compute_dtype(cfg: ActivationsConfig, ctx: DistContext) -> torch.dtype:
+    if cfg.dtype == "bfloat16" and not ctx.device.supports_bf16:
+        raise ActivationInputError(
+            f"activations.dtype=bfloat16, but {ctx.device.name} has no bf16 kernels; set "
+            "activations.dtype=float16 or float32 (weights are widened on the host)"
+        )
+    return DTYPES[cfg.dtype]
+
+
+def run_activations(ctx: DistContext, cfg: ActivationsConfig, model_root: str,
+                    source: ModelSource) -> ActivationResult | None:
+    """Collective over all ranks; rank 0 gets the result, the others None."""
+    where = str(Path(source.root) / "config.json")
+    model = StreamModel(source.config, source.tensors, ctx.device, compute_dtype(cfg, ctx),
+                        READ_BUFFER_BYTES, where)
+    try:
+        positions = model.max_positions()
+        if positions is not None and cfg.seq_len > positions:
+            raise SequenceLengthError(
+                f"activations.seq_len={cfg.seq_len} exceeds max_position_embeddings={positions} "
+                f"in {where}; use activations.seq_len<={positions}"
+            )
+        batches = make_batches(model_root, cfg.corpus, cfg.batch_size, cfg.seq_len,
+                               cfg.num_batches, cfg.seed, getattr(model.hf_config, "vocab_size", None))
+        model.validate()
+        stages = (pipeline_stages([model.layer_bytes(i) for i in range(model.num_layers)],
+                                  ctx.world_size) if cfg.mode == "pipeline" else [])
+        tables = NormTables.zeros(batches.num_batches, model.num_layers, model.max_experts)
+        streamer = LayerStreamer(model, tables, cfg.layers_per_block)
+        error: BaseException | None = None
+        try:
+            if cfg.mode == "pipeline" and ctx.world_size > 1:
+                run_pipeline(ctx, model, batches.ids, streamer, cfg.pass_batches, stages)
+            else:
+                run_data(ctx, model, batches.ids, streamer, cfg.pass_batches)
+        except (OSError, RuntimeError, ValueError) as e:
+            log.error("rank %d failed in the activation forward: %s", ctx.rank, e)
+            error = e
+        main_raises_everywhere(ctx, error)
+        tables = reduce_tables(ctx, tables)
+        log.info("rank %d: %d layer builds, peak %.1f MiB of layer weights, %.1f MiB of hidden "
+                 "states", ctx.rank, streamer.layers_built, streamer.peak_weight_bytes / 2**20,
+                 streamer.peak_hidden_bytes / 2**20)
+    finally:
+        model.close()
+    if not ctx.is_main:
+        return None
+    settings = {
+        "corpus": batches.description, "corpus_sha256": batches.corpus_sha256,
+        "tokens_sha256": batches.tokens_sha256, "tokenizer_sha256": batches.tokenizer_sha256,
+        "corpus_tokens": batches.corpus_tokens, "repeated_windows": batches.repeated_windows,
+        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "num_batches": cfg.num_batches,
+        "seed": cfg.seed, "dtype": cfg.dtype, "mode": cfg.mode, "family": model.family.name,
+        "num_layers": model.num_layers,
+    }
+    return finish(tables, model.layer_experts, model.experts_per_group(), settings)
+
+
+def finish(tables: NormTables, layer_experts: dict[int, int], group_size: int | None,
+           settings: dict) -> ActivationResult:
+    """Rows from the summed tables (rank 0)."""
+    totals = tables.totals()
+    rows = []
+    for layer in range(totals.shape[0]):
+        for s, stream in enumerate(STREAMS):
+            count, total, sumsq, nan, inf = (float(v) for v in totals[layer, s])
+            finite = count - nan - inf
+            mean = total / finite if finite else math.nan
+            var = max(sumsq / finite - mean * mean, 0.0) if finite else math.nan
+            rows.append({"layer": layer, "stream": stream, "mean_norm": mean,
+                         "std_norm": math.sqrt(var), "tokens": int(count), "nan": int(nan),
+                         "inf": int(inf)})
+            if nan or inf:
+                log.warning("layer %d %s: %d NaN and %d Inf token norms (left out of mean/std)",
+                            layer, stream, int(nan), int(inf))
+    routing: list[dict] = []
+    for layer, n_exp in sorted(layer_experts.items()):
+        if not n_exp:
+            continue
+        counts = tables.routing[layer, :n_exp].tolist()
+        groups: dict[int, int] = {}
+        for e, c in enumerate(counts):
+            g = e // group_size if group_size else None
+            routing.append({"layer": layer, "expert": e, "group": g, "tokens": int(c)})
+            if g is not None:
+                groups[g] = groups.get(g, 0) + int(c)
+        routing += [{"layer": layer, "expert": None, "group": g, "tokens": c}
+                    for g, c in sorted(groups.items())]
+    return ActivationResult(rows, routing, settings)
+
+
+def _csv(rows: list[dict], fields: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def write_activation_outputs(result: ActivationResult, out_dir: Path) -> list[Path]:
+    """activations.csv, activations_routing.csv (MoE only) and activations.png, each atomically."""
+    from npu_fp.io.atomic import write_text_atomic, write_with_atomic
+
+    out_dir = Path(out_dir)
+    paths = [write_text_atomic(out_dir / "activations.csv", _csv(result.rows, ROW_FIELDS))]
+    if result.routing:
+        paths.append(write_text_atomic(out_dir / "activations_routing.csv",
+                                       _csv(result.routing, ROUTING_FIELDS)))
+    paths.append(write_with_atomic(out_dir / "activations.png",
+                                   lambda tmp: plot_activations(result, tmp)))
+    return paths
+
+
+def plot_activations(result: ActivationResult, path: Path) -> None:
+    """Mean +- std of the token norms per layer and stream; right: z-scored over layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (raw, z) = plt.subplots(1, 2, figsize=(11, 4))
+    for stream in STREAMS:
+        rows = [r for r in result.rows if r["stream"] == stream]
+        x = [r["layer"] for r in rows]
+        m = torch.tensor([r["mean_norm"] for r in rows], dtype=torch.float64)
+        s = torch.tensor([r["std_norm"] for r in rows], dtype=torch.float64)
+        raw.plot(x, m.tolist(), marker="o", ms=3, label=stream)
+        raw.fill_between(x, (m - s).tolist(), (m + s).tolist(), alpha=0.15)
+        sd = m.std() if len(rows) > 1 else torch.tensor(0.0)
+        zs = (m - m.mean()) / sd if sd > 0 else torch.zeros_like(m)
+        z.plot(x, zs.tolist(), marker="o", ms=3, label=stream)
+    st = result.settings
+    raw.set(xlabel="layer", ylabel="token L2 norm (mean +- std)", yscale="log",
+            title=f"{st.get('family', '')}: {st.get('num_batches')} x {st.get('batch_size')} x "
+                  f"{st.get('seq_len')} tokens")
+    z.set(xlabel="layer", ylabel="mean norm, z-scored over layers", title="normalized profile")
+    for ax in (raw, z):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def activations(cfg: RunConfig) -> Path:
+    """The `npu-fp activations` command: one model, outputs in cfg.out_dir (rank 0 writes)."""
+    from npu_fp.dist import distributed
+    from npu_fp.io.source import open_model
+    from npu_fp.logs import setup_rank_logging
+
+    if cfg.model.path is None:
+        raise ValueError("npu-fp activations needs model.path=DIR (a checkpoint folder with "
+                         "config.json, *.safetensors and tokenizer.json)")
+    out = Path(cfg.out_dir)
+    with distributed(cfg.device) as ctx:
+        setup_rank_logging(out, ctx.rank)
+        source = open_model(cfg.model.path)
+        result = run_activations(ctx, cfg.activations, source.root, source)
+        if result is not None:
+            paths = write_activation_outputs(result, out)
+            log.info("activations: %s", ", ".join(str(p) for p in paths))
+    return out
