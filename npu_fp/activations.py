@@ -10,6 +10,7 @@ and each expert group. All inputs are checked, on every rank, before any device 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import logging
 import math
@@ -57,6 +58,11 @@ def compute_dtype(cfg: ActivationsConfig, ctx: DistContext) -> torch.dtype:
 def run_activations(ctx: DistContext, cfg: ActivationsConfig, model_root: str,
                     source: ModelSource) -> ActivationResult | None:
     """Collective over all ranks; rank 0 gets the result, the others None."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ActivationInputError(
+            "the activations step reuses transformers' layer modules: install them with "
+            "pip install 'npu_fp[forward]' (transformers>=5, after torch is pinned)"
+        )
     where = str(Path(source.root) / "config.json")
     model = StreamModel(source.config, source.tensors, ctx.device, compute_dtype(cfg, ctx),
                         READ_BUFFER_BYTES, where)
