@@ -118,11 +118,11 @@ def finish(tables: NormTables, layer_experts: dict[int, int], group_size: int | 
         for s, stream in enumerate(STREAMS):
             count, total, sumsq, nan, inf = (float(v) for v in totals[layer, s])
             finite = count - nan - inf
-            mean = total / finite if finite else math.nan
-            var = max(sumsq / finite - mean * mean, 0.0) if finite else math.nan
-            rows.append({"layer": layer, "stream": stream, "mean_norm": mean,
-                         "std_norm": math.sqrt(var), "tokens": int(count), "nan": int(nan),
-                         "inf": int(inf)})
+            # no finite token: None, not NaN (signatures are strict JSON)
+            mean = total / finite if finite else None
+            std = math.sqrt(max(sumsq / finite - mean * mean, 0.0)) if mean is not None else None
+            rows.append({"layer": layer, "stream": stream, "mean_norm": mean, "std_norm": std,
+                         "tokens": int(count), "nan": int(nan), "inf": int(inf)})
             if nan or inf:
                 log.warning("layer %d %s: %d NaN and %d Inf token norms (left out of mean/std)",
                             layer, stream, int(nan), int(inf))
@@ -174,7 +174,7 @@ def plot_activations(result: ActivationResult, path: Path) -> None:
 
     fig, (raw, z) = plt.subplots(1, 2, figsize=(11, 4))
     for stream in STREAMS:
-        rows = [r for r in result.rows if r["stream"] == stream]
+        rows = [r for r in result.rows if r["stream"] == stream and r["mean_norm"] is not None]
         x = [r["layer"] for r in rows]
         m = torch.tensor([r["mean_norm"] for r in rows], dtype=torch.float64)
         s = torch.tensor([r["std_norm"] for r in rows], dtype=torch.float64)

@@ -4,7 +4,6 @@ reporting, pipeline plans and bounded memory as depth grows."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 
 import pytest
@@ -205,8 +204,15 @@ def test_nan_and_inf_are_reported_per_layer(tmp_path):
     assert rows[(0, "mlp")]["nan"] == rows[(0, "mlp")]["inf"] == 0
     bad = rows[(1, "mlp")]
     assert bad["nan"] + bad["inf"] == bad["tokens"] == 16
-    assert math.isnan(bad["mean_norm"])
+    assert bad["mean_norm"] is None and bad["std_norm"] is None
     assert rows[(2, "residual")]["nan"] + rows[(2, "residual")]["inf"] == 16
+    # such rows still go into a strict-JSON signature and the CSV / plot
+    from npu_fp.activations import write_activation_outputs
+    from npu_fp.signature import dumps
+
+    assert '"mean_norm": null' in dumps({"activations": {"rows": result.rows}})
+    write_activation_outputs(result, tmp_path / "out")
+    assert (tmp_path / "out" / "activations.png").is_file()
 
 
 # -- plans and memory -----------------------------------------------------------------------------

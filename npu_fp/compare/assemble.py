@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from npu_fp.compare.activation_profiles import activation_bank, activation_profile, settings_of
 from npu_fp.compare.inputs import Entry
 from npu_fp.compare.profiles import bank_null, calibrate, profile_scores, raw_scales
 from npu_fp.compare.verdict import (
@@ -31,6 +32,7 @@ def _model_row(e: Entry, sig: Signature) -> dict:
         "adapter": ident.get("adapter"), "num_layers": ident.get("num_layers"),
         "num_experts": ident.get("num_experts"), "content_hash": ident.get("content_hash"),
         "signature": e.signature_path, "weights": e.weights_note,
+        "activations": settings_of(sig),
     }
 
 
@@ -73,6 +75,7 @@ def assemble(cfg: RunConfig, entries: list[Entry], pairs: list[tuple[int, int]],
     cc = cfg.compare
     sigs = [load_signature(e.signature_path) for e in entries]
     null = bank_null(bank) if bank else None
+    act_bank = activation_bank(bank) if bank else None
     by_pair: dict[int, list[dict]] = {}
     for (k, _la, _lb, _), res in sorted(layer_results.items(), key=lambda kv: kv[0][:3]):
         by_pair.setdefault(k, []).append(res)
@@ -82,6 +85,8 @@ def assemble(cfg: RunConfig, entries: list[Entry], pairs: list[tuple[int, int]],
         sa, sb = sigs[i], sigs[j]
         scores = profile_scores(sa, sb)
         calib = calibrate(scores, null)
+        # screening only, like `scores`: nothing below feeds it into `decide` or the evidence
+        act = activation_profile(sa, sb, (a.name, b.name), act_bank)
         blocked = blocked_fn(a, b)
         hashes, hash_note = identical_bytes(_hash_view(sa), _hash_view(sb))
         prep = preps.get(k)
@@ -96,10 +101,12 @@ def assemble(cfg: RunConfig, entries: list[Entry], pairs: list[tuple[int, int]],
         pair = {
             "a": a.name, "b": b.name, **verdict,
             "honestagi_score": scores["honestagi_score"],
+            "activation_score": act["scores"]["activation_score"],
             "evidence": rank_evidence(fams, profile_evidence(scores, calib)),
             "localization": _localization(fams),
             "alignment": prep.align if prep else None,
-            "profiles": {"scores": scores, "calibration": calib, "raw": raw_scales(sa, sb)},
+            "profiles": {"scores": scores, "calibration": calib, "raw": raw_scales(sa, sb),
+                         "activation_norms": act},
         }
         if m and m["z"] is not None:
             pair["layer_matching"] = {
@@ -115,7 +122,9 @@ def assemble(cfg: RunConfig, entries: list[Entry], pairs: list[tuple[int, int]],
     return {
         "format": FORMAT, "version": VERSION,
         "p_threshold": cc.p_threshold, "weak_p": cc.weak_p, "rule": RULE,
-        "bank": {"folder": cc.bank, "pairs": len(next(iter(null.values()), [])) if null else 0}
+        "bank": {"folder": cc.bank, "pairs": len(next(iter(null.values()), [])) if null else 0,
+                 "activation_models": act_bank.models if act_bank else 0,
+                 "activation_pairs": act_bank.pairs if act_bank else 0}
         if cc.bank else None,
         "models": [_model_row(e, s) for e, s in zip(entries, sigs, strict=True)],
         "pairs": out_pairs,

@@ -5,7 +5,8 @@ Q, K, V, O; z-scored across layers; the shorter profile resampled onto the longe
 at `linspace(0, L_short - 1, L_long)`; Pearson per matrix type; the mean of the four. The same
 construction runs on q/k/v biases, attention / FFN norms, the FFN and the pooled MoE experts, with
 Spearman and first-difference (detrended) variants. Raw-scale ratios and the per-layer q/k/v bias
-signed max and max|x| keep the scale that normalisation hides.
+signed max and max|x| keep the scale that normalisation hides. The same construction on per-layer
+activation norms lives in `activation_profiles`.
 
 Profile scores are screening only: they never decide a verdict. With a bank of signatures of
 known-independent models each score gets an empirical null (z and p); without one it is marked
@@ -42,6 +43,12 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(stats.spearmanr(x, y)[0])
+
+
+# (key suffix, correlation, first differences): the seed construction and its two variants
+VARIANTS: tuple[tuple[str, Corr, bool], ...] = (
+    ("", _pearson, False), ("_spearman", _spearman, False), ("_diff", _pearson, True),
+)
 
 
 def curve(sig: Signature, role: str, stat: str = "std") -> np.ndarray | None:
@@ -106,8 +113,7 @@ def profile_scores(a: Signature, b: Signature) -> dict[str, float | None]:
     """Every score, keyed `<family>`, `<family>_spearman`, `<family>_diff` (+ `honestagi_score`)."""
     out: dict[str, float | None] = {"honestagi_score": honestagi_score(a, b)}
     for fam, pairs in _family_roles(a, b).items():
-        for suffix, corr, diff in (("", _pearson, False), ("_spearman", _spearman, False),
-                                   ("_diff", _pearson, True)):
+        for suffix, corr, diff in VARIANTS:
             rs = [construct(curve(a, ra), curve(b, rb), corr, diff) for ra, rb in pairs]
             rs = [r for r in rs if r is not None]
             out[fam + suffix] = float(np.mean(rs)) if rs else None

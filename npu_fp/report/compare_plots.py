@@ -11,6 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from npu_fp.compare.activation_profiles import (  # noqa: E402
+    STREAMS,
+    has_activations,
+    norm_values,
+    settings_differences,
+    settings_of,
+)
 from npu_fp.io.atomic import write_with_atomic  # noqa: E402
 from npu_fp.signature import Signature, SignatureError, load_signature  # noqa: E402
 
@@ -43,6 +50,9 @@ def write_figures(doc: dict, out_dir: Path) -> dict:
                   "bias_max": _save(bias_figure(sigs), out_dir / "bias_max.png"),
                   "verdicts": _save(verdict_figure(doc), out_dir / "verdicts.png"),
                   "layers": {}, "experts": {}}
+    acts = [(n, s) for n, s in sigs if has_activations(s)]
+    if acts:  # otherwise the report says why there is no figure
+        figs["activation_norms"] = _save(activation_figure(acts), out_dir / "activation_norms.png")
     for p in doc["pairs"]:
         key = f"{p['a']}|{p['b']}"
         stem = f"{_slug(p['a'])}__{_slug(p['b'])}"
@@ -75,6 +85,24 @@ def profiles_figure(sigs: list[tuple[str, Signature]]) -> plt.Figure:
         ax.set_title(f"{role}: z-scored std")
         ax.set_xlabel("relative depth")
     axes[0].legend(fontsize=7)
+    return fig
+
+
+def activation_figure(sigs: list[tuple[str, Signature]]) -> plt.Figure:
+    """Mean token norm per stream, z-scored over layers, over relative depth; a line per model."""
+    fig, axes = plt.subplots(1, len(STREAMS), figsize=(12, 3.4), sharey=True)
+    for ax, stream in zip(axes, STREAMS, strict=True):
+        for name, sig in sigs:
+            xy = _normalized(norm_values(sig, stream))
+            if xy is not None:
+                ax.plot(*xy, marker=".", label=name)
+        ax.set_title(f"{stream}: z-scored mean token norm", fontsize=9)
+        ax.set_xlabel("relative depth")
+    axes[0].legend(fontsize=7)
+    settings = [settings_of(s) or {} for _, s in sigs]
+    if any(settings_differences(settings[0], st) for st in settings[1:]):
+        fig.suptitle("activation settings differ between models (corpus / batch shape): "
+                     "profiles not comparable", fontsize=9, color="tab:red")
     return fig
 
 

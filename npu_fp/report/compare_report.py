@@ -52,6 +52,44 @@ def write_report(doc: dict, out_dir: Path) -> Path:
     return path
 
 
+def _cal(c: dict) -> str:
+    if not c.get("calibrated"):
+        return "uncalibrated"
+    z = "n/a" if c.get("z") is None else f"{c['z']:.2f}"
+    return f"z {z}, p {c['p_empirical']:.3g} (n={c['n_null']})"
+
+
+def _activation_lines(act: dict | None) -> list[str]:
+    """The pair's activation-norm profile block (screening only)."""
+    if not act:
+        return []
+    head = "Activation-norm profile (screening only, never part of the verdict): "
+    if not act.get("available"):
+        return ["", head + f"unavailable: {act.get('reason')}."]
+    sc, cal = act["scores"], act.get("calibration", {})
+    streams = ", ".join(f"{s} {_f(sc.get(f'activation_{s}'))}" for s in ("residual", "attn", "mlp"))
+    lay = act.get("layers", {})
+    depth = (f" ({lay.get('a')} vs {lay.get('b')} layers: resampled onto the deeper)"
+             if act.get("interpolated") else "")
+    out = ["", head + f"activation_score **{_f(sc.get('activation_score'))}** "
+           f"[{_cal(cal.get('activation_score', {}))}]{depth}; per stream {streams}; "
+           f"spearman {_f(sc.get('activations_spearman'))} "
+           f"[{_cal(cal.get('activations_spearman', {}))}], first differences "
+           f"{_f(sc.get('activations_diff'))} [{_cal(cal.get('activations_diff', {}))}]; "
+           f"{act.get('calibration_note')}."]
+    if act.get("reason"):
+        out.append(f"No seed score: {act['reason']}.")
+    st = act.get("settings", {})
+    sa = st.get("a") or {}
+    shown = ", ".join(f"{k} {sa.get(k)}" for k in ("batch_size", "seq_len", "num_batches"))
+    if st.get("comparable"):
+        out.append(f"Activation settings identical on both sides: corpus {sa.get('corpus')} "
+                   f"(sha256 {str(sa.get('corpus_sha256'))[:12]}), {shown}.")
+    if act.get("note"):
+        out.append(f"**Caution:** {act['note']}.")
+    return out
+
+
 def markdown(doc: dict) -> str:
     figs = doc.get("figures", {})
     lines = [
@@ -59,7 +97,7 @@ def markdown(doc: dict) -> str:
         f"Verdict threshold: a pair is **related** when the combined weight-level p-value is below "
         f"**{doc['p_threshold']:g}**; it is **independent** only when a weight-level test with "
         f"power ran and p >= {doc['weak_p']:g}. Rule: {doc['rule']}", "",
-        "Profile scores (HonestAGI and variants) are screening only: "
+        "Profile scores (HonestAGI and variants, activation norms) are screening only: "
         + ("calibrated against the reference bank " f"`{doc['bank']['folder']}`."
            if doc.get("bank") else "**uncalibrated** (no reference bank given: `compare.bank=DIR`)."),
         "", "## Models", "", "| name | arch | layers | experts | path |", "|---|---|---|---|---|",
@@ -67,22 +105,29 @@ def markdown(doc: dict) -> str:
     for m in doc["models"]:
         lines.append(f"| {m['name']} | {m['arch']} | {m['num_layers']} | {m['num_experts']} | "
                      f"`{m['path']}` |")
-    lines += ["", "## Verdicts", "", "| a | b | verdict | p-value | honestagi_score | reason |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Verdicts", "",
+              "| a | b | verdict | p-value | honestagi_score | activation_score | reason |",
+              "|---|---|---|---|---|---|---|"]
     for p in doc["pairs"]:
         lines.append(f"| {p['a']} | {p['b']} | **{p['verdict']}** | {_p(p).removeprefix('= ')} | "
-                     f"{_f(p['honestagi_score'])} | {p['reason']} |")
+                     f"{_f(p['honestagi_score'])} | {_f(p.get('activation_score'))} | "
+                     f"{p['reason']} |")
     for key, title in (("verdicts", "Verdict / p-value matrix"),
                        ("profiles", "Normalized std per role over depth (the HonestAGI figure)"),
-                       ("bias_max", "Raw q/k/v bias maximum over depth")):
+                       ("bias_max", "Raw q/k/v bias maximum over depth"),
+                       ("activation_norms", "Normalized mean activation norm per stream")):
         if key in figs:
             lines += ["", f"![{title}]({figs[key]})"]
+    if "activation_norms" not in figs:
+        lines += ["", "Activation-norm profiles: no compared signature carries activations, so no "
+                  "scores and no figure (run fingerprint with activations.enabled=true)."]
     for p in doc["pairs"]:
         lines += ["", f"## {p['a']} vs {p['b']}: {p['verdict']} (p {_p(p)})", "",
                   f"Reason: {p['reason']}", "", "Evidence, strongest first:", ""]
         for e in p["evidence"]:
             pv = "" if e.get("log10_p") is None else f" (p {_p(e)})"
             lines.append(f"- *{e['tier_name']}* / `{e['kind']}`{pv}: {e['summary']}")
+        lines += _activation_lines(p.get("profiles", {}).get("activation_norms"))
         if p.get("localization"):
             lines += ["", "Localization: `" + json.dumps(p["localization"])[:1500] + "`"]
         al = p.get("alignment") or {}
