@@ -115,3 +115,13 @@ def test_more_than_1e8_elements() -> None:
     m2 = d.square().mean().item()
     kurt = d.square().square().mean().item() / m2**2 - 3.0
     assert got["kurtosis"] == pytest.approx(kurt, rel=1e-9, abs=1e-9)
+
+
+def test_chunks_with_different_means_take_the_right_path() -> None:
+    """A tensor that starts centred and then shifts far away: raw sums for the first chunks,
+    centring for the shifted ones, all merged to float64 accuracy."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300_000, generator=g, dtype=torch.float64) * 0.02
+    x[150_000:] += 1e3
+    got = finish(MomentKernel(CPU, chunk_elems=50_000).moments(x))
+    assert_matches(got, reference(x.numpy()))

@@ -9,6 +9,7 @@ gives the same bits on any rank.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,10 @@ from npu_fp.io.reader import RowReader, row_blocks
 from npu_fp.io.safetensors_header import TensorRef
 from npu_fp.plan import WorkItem
 from npu_fp.stats.moments import Moments
+
+# Below this |mean| / std a chunk's raw power sums convert to central moments with a relative error
+# of about eps * ratio^4 (< 1e-13); above it the chunk is centred first. Weights sit far below it.
+RAW_SAFE_RATIO = 4.0
 
 
 class MomentKernel:
@@ -41,21 +46,61 @@ class MomentKernel:
             return total
         dev = to_device_float(flat, self.device)
         pieces = dev.split(self.chunk)
-        rows = torch.stack([self._chunk(p) for p in pieces]).tolist()
-        for piece, (s, mn, mx, m2, m3, m4) in zip(pieces, rows, strict=True):
-            k = piece.numel()
-            if s != s or s in (float("inf"), float("-inf")):
+        # the first chunk tells whether this tensor has a large mean: then centre every chunk
+        first = self._raw_chunk(pieces[0]).tolist()
+        centred = not math.isfinite(first[0]) or not self._raw_ok(first, pieces[0].numel())
+        kernel = self._centred_chunk if centred else self._raw_chunk
+        rows = [first] if not centred else []
+        rest = pieces[1:] if not centred else pieces
+        if rest:
+            rows += torch.stack([kernel(p) for p in rest]).tolist()
+        for piece, row in zip(pieces, rows, strict=True):
+            s1, mn, mx = row[0], row[1], row[2]
+            k = float(piece.numel())
+            if not (math.isfinite(s1) and math.isfinite(row[5])):
                 total.merge(self._nonfinite_chunk(piece))
-                continue
-            total.merge(Moments(float(k), s / k, m2, m3, m4, mn, mx))
+            elif centred:
+                total.merge(Moments(k, s1 / k, row[3], row[4], row[5], mn, mx))
+            elif self._raw_ok(row, k):
+                total.merge(self._from_raw(row, k))
+            else:  # large mean (or constant chunk): centre first, as raw sums would cancel
+                s, mn, mx, m2, m3, m4 = self._centred_chunk(piece).tolist()
+                total.merge(Moments(k, s / k, m2, m3, m4, mn, mx))
         return total
 
-    def _chunk(self, piece: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _raw_ok(row: list[float], k: float) -> bool:
+        s1, s2 = row[0], row[3]
+        m2 = s2 - s1 * s1 / k
+        return m2 > 0.0 and s1 * s1 / k <= RAW_SAFE_RATIO**2 * m2
+
+    @staticmethod
+    def _from_raw(row: list[float], k: float) -> Moments:
+        s1, mn, mx, s2, s3, s4 = row
+        mu = s1 / k
+        m2 = s2 - s1 * mu
+        m3 = s3 - 3.0 * mu * s2 + 2.0 * k * mu**3
+        m4 = s4 - 4.0 * mu * s3 + 6.0 * mu * mu * s2 - 3.0 * k * mu**4
+        return Moments(k, mu, m2, m3, m4, mn, mx)
+
+    def _raw_chunk(self, piece: torch.Tensor) -> torch.Tensor:
+        """[sum x, min, max, sum x^2, sum x^3, sum x^4] in float64: one pass fewer than centring."""
+        k = piece.numel()
+        a = self._a[:k]
+        a.copy_(piece)
+        # min/max on the narrow source: half the bytes of the float64 copy, and exact
+        mn, mx = torch.aminmax(piece)
+        b = self._b[:k]
+        torch.mul(a, a, out=b)
+        m = torch.stack([mn, mx]).to(torch.float64)
+        return torch.stack([a.sum(), m[0], m[1], b.sum(), torch.dot(b, a), torch.dot(b, b)])
+
+    def _centred_chunk(self, piece: torch.Tensor) -> torch.Tensor:
+        """[sum x, min, max, M2, M3, M4] with powers taken about the chunk mean."""
         k = piece.numel()
         a = self._a[:k]
         a.copy_(piece)
         s = a.sum()
-        # min/max on the narrow source: half the bytes of the float64 copy, and exact
         mn, mx = torch.aminmax(piece)
         a.sub_(s / k)
         b = self._b[:k]
@@ -72,7 +117,7 @@ class MomentKernel:
         a = a[finite]
         m = Moments(nan=float(nan), inf=float(inf))
         if a.numel():
-            s, mn, mx, m2, m3, m4 = self._chunk(a).tolist()
+            s, mn, mx, m2, m3, m4 = self._centred_chunk(a).tolist()
             m.merge(Moments(float(a.numel()), s / a.numel(), m2, m3, m4, mn, mx))
         return m
 
