@@ -26,7 +26,7 @@ from npu_fp.dist import (
     reduce_rows_to_main,
 )
 from npu_fp.io.atomic import write_text_atomic
-from npu_fp.io.reader import FileCache, RowReader
+from npu_fp.io.reader import FileCache, RowReader, scale_for
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.source import ModelSource, open_model
 from npu_fp.plan import Plan, format_plan, make_plan
@@ -37,9 +37,6 @@ from npu_fp.stats.kernel import MomentKernel, item_stats
 from npu_fp.stats.moments import NUM_FIELDS, Moments
 
 log = logging.getLogger(__name__)
-
-SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: `x.weight` is dequantized with `x.weight_scale_inv`
-
 
 @dataclass(frozen=True, slots=True)
 class Layout:
@@ -109,7 +106,7 @@ def compute_table(ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap
             item = layout.plan.items[i]
             ref = source.tensors[item.tensor]
             role = rolemap.roles.get(item.tensor)
-            scale = source.tensors.get(item.tensor + SCALE_SUFFIX)
+            scale = scale_for(source.tensors, ref)
             res = item_stats(reader, kernel, ref, role, item, cfg.stats.read_bytes, scale)
             slot = layout.first_slot[i]
             table[slot, :9] = torch.tensor(res.whole.to_row(), dtype=torch.float64)

@@ -186,3 +186,24 @@ def test_multirun_over_models(tiny_models: dict[str, Path], tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr[-3000:]
     names = {load_signature(tmp_path / "sweep" / str(i)).identity["architecture"] for i in (0, 1)}
     assert names == {"Qwen2ForCausalLM", "PanguProMoEForCausalLM"}
+
+
+def test_fp8_weights_are_dequantized_before_statistics(tmp_path: Path) -> None:
+    d = tmp_path / "fp8"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
+        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                "weight_block_size": [128, 128]}}))
+    q = (torch.randn(300, 200) * 0.5).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 2) * 0.01 + 0.001
+    save_file({"model.layers.0.mlp.up_proj.weight": q,
+               "model.layers.0.mlp.up_proj.weight_scale_inv": scale}, str(d / "model.safetensors"))
+    sig = load_signature(fingerprint(small_cfg(d, tmp_path / "out"))[0])
+    [row] = sig.tensors
+    # dequantized in float32 (as DeepSeek's own kernels do), statistics in float64
+    s32 = scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+    w = (q.float() * s32).double()
+    assert row["std"] == pytest.approx(w.std().item(), rel=1e-9)
+    assert row["dtype"] == "F8_E4M3" and sig.doc["skipped"] == [
+        "model.layers.0.mlp.up_proj.weight_scale_inv"]

@@ -16,7 +16,7 @@ import torch
 
 from npu_fp.arch import map_roles
 from npu_fp.arch.base import PartSpec, RoleMap, TensorRole
-from npu_fp.io.reader import FileCache, RowReader
+from npu_fp.io.reader import FileCache, RowReader, scale_for
 from npu_fp.io.safetensors_header import TensorRef
 from npu_fp.io.source import ModelSource, open_model
 
@@ -89,7 +89,8 @@ class ModelView:
         if self._reader is None:
             self._reader = RowReader(self._files, READ_BUFFER)
         x = self._reader.read(ref, r0, r1)
-        return self._reader.widen(ref, x, r0).to(torch.float32).clone()
+        scale = scale_for(self.source.tensors, ref)
+        return self._reader.widen(ref, x, r0, scale).to(torch.float32).clone()
 
     def read(self, layer: int | None, role: str, expert: int | None = None) -> torch.Tensor | None:
         """The role's matrix, float32 [out, in] on the host; None when the model lacks it."""

@@ -16,14 +16,7 @@ import torch
 
 from npu_fp.device import Device, to_device_float
 from npu_fp.forward.errors import WeightLayoutError
-from npu_fp.io.reader import (
-    FP8_DTYPES,
-    FileCache,
-    RowReader,
-    dequantize_fp8_block,
-    read_scale_rows,
-    row_blocks,
-)
+from npu_fp.io.reader import FileCache, RowReader, row_blocks, scale_for
 from npu_fp.io.safetensors_header import TensorRef
 
 EXPERT_RE = re.compile(
@@ -130,13 +123,8 @@ class WeightReader:
     def _rows(self, ref: TensorRef, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) as a float host tensor, valid until the next read; FP8 dequantized."""
         self.bytes_read += (r1 - r0) * (ref.nbytes // max(ref.rows, 1))
-        x = self.reader.read(ref, r0, r1)
-        if ref.dtype in FP8_DTYPES:
-            x = x.to(torch.float32)
-            scale = self.tensors.get(ref.name + "_scale_inv")
-            if scale is not None:
-                x = dequantize_fp8_block(x, read_scale_rows(self.files, scale, ref, r0, r1), r0)
-        return x
+        return self.reader.widen(ref, self.reader.read(ref, r0, r1), r0,
+                                 scale_for(self.tensors, ref))
 
     def fill(self, ref: TensorRef, dst: torch.Tensor) -> None:
         """Copy the whole tensor into `dst` (any shape with the same element count)."""

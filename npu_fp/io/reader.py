@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -29,6 +29,12 @@ UNSIGNED_AS: dict[str, tuple[torch.dtype, int]] = {
 }
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 FP8_BLOCK = 128
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: `x.weight` is dequantized with `x.weight_scale_inv`
+
+
+def scale_for(tensors: Mapping[str, TensorRef], ref: TensorRef) -> TensorRef | None:
+    """The block-scale tensor that dequantizes `ref`, when it is an FP8 weight that has one."""
+    return tensors.get(ref.name + SCALE_SUFFIX) if ref.dtype in FP8_DTYPES else None
 
 
 def storage_dtype(ref: TensorRef) -> torch.dtype:
