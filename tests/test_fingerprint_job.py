@@ -207,3 +207,14 @@ def test_fp8_weights_are_dequantized_before_statistics(tmp_path: Path) -> None:
     assert row["std"] == pytest.approx(w.std().item(), rel=1e-9)
     assert row["dtype"] == "F8_E4M3" and sig.doc["skipped"] == [
         "model.layers.0.mlp.up_proj.weight_scale_inv"]
+
+
+def test_preset_expectations_catch_a_wrong_path(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    cfg = small_cfg(tiny_models["dense"], tmp_path)
+    cfg.model.expect_arch = "PanguProMoEForCausalLM"
+    with pytest.raises(ValueError, match="preset expects architecture 'PanguProMoEForCausalLM'"):
+        fingerprint(cfg)
+    cfg.model.expect_arch, cfg.model.expect_layers = None, 48
+    with pytest.raises(ValueError, match="preset expects 48 layers"):
+        fingerprint(cfg)
+    assert not (tmp_path / "signature.json").exists()

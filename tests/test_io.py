@@ -192,3 +192,59 @@ def test_invalid_config(tmp_path: Path) -> None:
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         open_model(tmp_path / "nope")
+
+
+def test_invalid_index_json(tmp_path: Path) -> None:
+    d = model_dir(tmp_path)
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"index\.json: invalid index"):
+        open_model(d)
+
+
+def test_index_lists_tensor_not_in_its_shard(tmp_path: Path) -> None:
+    d = model_dir(tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "ghost": "model.safetensors"}}))
+    with pytest.raises(CheckpointError, match="tensor 'ghost' is listed in model.safetensors but not"):
+        open_model(d)
+
+
+def test_index_names_the_wrong_shard(tmp_path: Path) -> None:
+    d = tmp_path / "two"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    save_file({"x": torch.ones(3)}, str(d / "a.safetensors"))
+    save_file({"y": torch.ones(3)}, str(d / "b.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"x": "b.safetensors", "y": "a.safetensors"}}))
+    with pytest.raises(CheckpointError, match="'x' is listed in b.safetensors but stored in a"):
+        open_model(d)
+
+
+def test_unknown_dtype(tmp_path: Path) -> None:
+    hdr = {"a": {"dtype": "F12", "shape": [1], "data_offsets": [0, 2]}}
+    p = raw_safetensors(tmp_path / "x.safetensors", hdr, bytes(2))
+    with pytest.raises(CheckpointError, match="'a': unknown dtype 'F12'"):
+        read_header(p)
+
+
+def test_folder_without_safetensors(tmp_path: Path) -> None:
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        open_model(d)
+
+
+def test_hf_cache_with_ambiguous_snapshots(tmp_path: Path) -> None:
+    for rev in ("r1", "r2"):
+        (tmp_path / "models--o--m" / "snapshots" / rev).mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="2 snapshots and no refs/main"):
+        open_model(tmp_path / "models--o--m")
+
+
+def test_model_path_is_not_a_checkpoint_file(tmp_path: Path) -> None:
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="expected a model folder or a .safetensors file"):
+        open_model(f)
