@@ -292,5 +292,7 @@ def fingerprint(cfg: RunConfig) -> list[Path]:
             sigs = [str(d / "signature.json") for _, d, _ in targets]
             report = compare_models(ctx, cfg, models=[], signatures=sigs, out_dir=out / "compare")
             if report is not None:
-                print(f"report: {report}")
+                from npu_fp.report.compare_report import verdict_summary
+
+                print(verdict_summary(report))
         return written

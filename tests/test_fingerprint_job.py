@@ -218,3 +218,21 @@ def test_preset_expectations_catch_a_wrong_path(tiny_models: dict[str, Path], tm
     with pytest.raises(ValueError, match="preset expects 48 layers"):
         fingerprint(cfg)
     assert not (tmp_path / "signature.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_builds_the_zoo_and_ends_with_the_report(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    cfg = RunConfig(out_dir=str(tmp_path / "out"), zoo_dir=str(tmp_path / "zoo"), progress=False)
+    written = fingerprint(cfg)
+    assert [p.parent.name for p in written] == ["base", "base-continued", "moge-upcycled",
+                                                  "independent"]
+    report = json.loads((tmp_path / "out" / "compare" / "report.json").read_text())
+    verdicts = {(p["a"], p["b"]): p["verdict"] for p in report["pairs"]}
+    assert verdicts[("base", "base-continued")] == "related"
+    assert verdicts[("base", "moge-upcycled")] == "related"
+    assert verdicts[("base", "independent")] == "independent"
+    # the seed statistic alone would have called the independent model a derivative
+    indep = next(p for p in report["pairs"] if p["b"] == "independent" and p["a"] == "base")
+    assert indep["honestagi_score"] > 0.95
+    assert "base vs independent: independent" in capsys.readouterr().out

@@ -43,7 +43,11 @@ def compare(cfg: RunConfig) -> Path:
     out = Path(cfg.out_dir)
     with distributed(cfg.device) as ctx:
         setup_rank_logging(out, ctx.rank)
-        compare_models(ctx, cfg, list(cfg.models), list(cfg.signatures), out)
+        report = compare_models(ctx, cfg, list(cfg.models), list(cfg.signatures), out)
+        if report is not None:
+            from npu_fp.report.compare_report import verdict_summary
+
+            print(verdict_summary(report))
     return out / "report.json"
 
 

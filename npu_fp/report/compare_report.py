@@ -139,3 +139,18 @@ def markdown(doc: dict) -> str:
             if f:
                 lines += ["", f"![{title}]({f})"]
     return "\n".join(lines) + "\n"
+
+
+def verdict_summary(report_path: Path) -> str:
+    """A few terminal lines: one verdict per pair, then where the full report is."""
+    doc = json.loads(Path(report_path).read_text())
+    lines = []
+    for pair in doc["pairs"]:
+        p = pair.get("p_value")
+        p_txt = "n/a" if p is None else ("< 1e-300" if p == 0 else f"{p:.2e}")
+        score = pair.get("honestagi_score")
+        s_txt = "n/a" if score is None else f"{score:.3f}"
+        lines.append(f"  {pair['a']} vs {pair['b']}: {pair['verdict']} (p {p_txt}; "
+                     f"honestagi_score {s_txt}, screening only)")
+    lines.append(f"report: {Path(report_path).with_suffix('.md')}")
+    return "\n".join(lines)
