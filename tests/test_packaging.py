@@ -56,3 +56,19 @@ def test_only_device_module_knows_vendors() -> None:
             if pattern.search(line) and not line.lstrip().startswith("#"):
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_presets(tmp_path) -> None:
+    import sys
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    [wheel] = tmp_path.glob("npu_fp-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    presets = {f"npu_fp/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")}
+    assert presets <= names
+    assert {"npu_fp/forward/stream.py", "npu_fp/compare/job.py", "npu_fp/arch/mapper.py"} <= names
