@@ -31,7 +31,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     base = zoo.dense_tensors(TINY_SHAPE, seed=0)
-    dense = zoo.write_checkpoint(root / "dense", base, zoo.qwen2_config(TINY_SHAPE))
+    tok = zoo.tokenizer_json(TINY_SHAPE["vocab_size"])
+    dense = zoo.write_checkpoint(root / "dense", base, zoo.qwen2_config(TINY_SHAPE), tokenizer=tok)
     moe, cfg = zoo.moge_upcycle(base, TINY_SHAPE, seed=1)
-    moge = zoo.write_checkpoint(root / "moge", moe, cfg)
+    moge = zoo.write_checkpoint(root / "moge", moe, cfg, tokenizer=tok)
     return {"dense": dense, "moge": moge}

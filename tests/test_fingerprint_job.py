@@ -236,3 +236,19 @@ def test_demo_builds_the_zoo_and_ends_with_the_report(tmp_path: Path,
     indep = next(p for p in report["pairs"] if p["b"] == "independent" and p["a"] == "base")
     assert indep["honestagi_score"] > 0.95
     assert "base vs independent: independent" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_activations_inside_fingerprint_do_not_depend_on_ranks(tiny_models: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    docs = []
+    for n in (1, 2):
+        out = tmp_path / f"act{n}"
+        r = torchrun(n, tiny_models["moge"], out, "activations.enabled=true",
+                     "activations.num_batches=3")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (out / "activations.csv").is_file() and (out / "activations_routing.csv").is_file()
+        docs.append(json.loads((out / "signature.json").read_text()))
+    assert docs[0]["activations"]["rows"] == docs[1]["activations"]["rows"]
+    assert docs[0]["activations"]["routing"] == docs[1]["activations"]["routing"]
+    assert {r["stream"] for r in docs[0]["activations"]["rows"]} == {"residual", "attn", "mlp"}
