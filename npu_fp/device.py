@@ -56,12 +56,6 @@ class Device:
         if self.module is not None:
             self.module.synchronize(self.torch)
 
-    def peak_memory_bytes(self) -> int | None:
-        mod = self.module
-        if mod is None or not hasattr(mod, "max_memory_allocated"):
-            return None
-        return int(mod.max_memory_allocated(self.torch))
-
 
 def available_type() -> str:
     if torch.cuda.is_available():
@@ -120,6 +114,3 @@ def to_device_float(x: torch.Tensor, device: Device, non_blocking: bool = False)
 def bf16_to_float32(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
 
-
-def pin_if_useful(x: torch.Tensor, device: Device) -> torch.Tensor:
-    return x.pin_memory() if device.type != "cpu" else x

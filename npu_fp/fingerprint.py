@@ -101,7 +101,7 @@ def compute_table(ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap
     progress = Progress(my_bytes * ctx.world_size, enabled=cfg.progress and ctx.is_main,
                         label=Path(source.root).name)
     with FileCache() as files:
-        reader = RowReader(files, cfg.stats.read_bytes)
+        reader = RowReader(files)
         for i in mine:
             item = layout.plan.items[i]
             ref = source.tensors[item.tensor]

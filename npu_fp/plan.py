@@ -31,9 +31,6 @@ class Plan:
     items: tuple[WorkItem, ...]  # global order: by tensor name, then segment
     assignment: tuple[tuple[int, ...], ...]  # per rank: indices into `items`, in global order
 
-    def items_for(self, rank: int) -> list[WorkItem]:
-        return [self.items[i] for i in self.assignment[rank]]
-
     def bytes_per_rank(self) -> list[int]:
         return [sum(self.items[i].nbytes for i in idx) for idx in self.assignment]
 

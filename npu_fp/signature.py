@@ -84,10 +84,6 @@ class Signature:
                 out[row["layer"]] = row.get(stat)
         return out
 
-    def rows_for(self, role: str, part_only: bool | None = None) -> list[dict]:
-        return [r for r in self.tensors if r["role"] == role
-                and (part_only is None or bool(r["part"]) == part_only)]
-
 
 def load_signature(path: str | Path) -> Signature:
     p = Path(path)

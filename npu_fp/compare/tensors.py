@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from npu_fp.arch import map_roles
-from npu_fp.arch.base import PartSpec, RoleMap, TensorRole
+from npu_fp.arch.base import PartSpec, RoleMap
 from npu_fp.io.reader import FileCache, RowReader, scale_for
 from npu_fp.io.safetensors_header import TensorRef
 from npu_fp.io.source import ModelSource, open_model
@@ -87,7 +87,7 @@ class ModelView:
 
     def _rows(self, ref: TensorRef, r0: int, r1: int) -> torch.Tensor:
         if self._reader is None:
-            self._reader = RowReader(self._files, READ_BUFFER)
+            self._reader = RowReader(self._files)
         x = self._reader.read(ref, r0, r1)
         scale = scale_for(self.source.tensors, ref)
         return self._reader.widen(ref, x, r0, scale).to(torch.float32).clone()
@@ -187,6 +187,3 @@ def open_view(path: str, lm_prefix: str | None = None) -> ModelView:
     vocab, note = read_vocab(source.root)
     return ModelView(source, rolemap, build_index(rolemap), vocab, note)
 
-
-def role_of(view: ModelView, name: str) -> TensorRole | None:
-    return view.rolemap.roles.get(name)

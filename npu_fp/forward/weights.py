@@ -113,7 +113,7 @@ class WeightReader:
         self.tensors = tensors
         self.device = device
         self.files = FileCache()
-        self.reader = RowReader(self.files, buffer_bytes)
+        self.reader = RowReader(self.files)
         self.buffer_bytes = buffer_bytes
         self.bytes_read = 0
 
