@@ -9,9 +9,7 @@ and each expert group. All inputs are checked, on every rank, before any device 
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from npu_fp.forward.layers import StreamModel
 from npu_fp.forward.parallel import pipeline_stages, reduce_tables, run_data, run_pipeline
 from npu_fp.forward.stream import STREAMS, LayerStreamer, NormTables
 from npu_fp.io.source import ModelSource
+from npu_fp.signature import rows_csv
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +141,15 @@ def finish(tables: NormTables, layer_experts: dict[int, int], group_size: int | 
     return ActivationResult(rows, routing, settings)
 
 
-def _csv(rows: list[dict], fields: tuple[str, ...]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    return buf.getvalue()
-
-
 def write_activation_outputs(result: ActivationResult, out_dir: Path) -> list[Path]:
     """activations.csv, activations_routing.csv (MoE only) and activations.png, each atomically."""
     from npu_fp.io.atomic import write_text_atomic, write_with_atomic
 
     out_dir = Path(out_dir)
-    paths = [write_text_atomic(out_dir / "activations.csv", _csv(result.rows, ROW_FIELDS))]
+    paths = [write_text_atomic(out_dir / "activations.csv", rows_csv(result.rows, ROW_FIELDS))]
     if result.routing:
         paths.append(write_text_atomic(out_dir / "activations_routing.csv",
-                                       _csv(result.routing, ROUTING_FIELDS)))
+                                       rows_csv(result.routing, ROUTING_FIELDS)))
     paths.append(write_with_atomic(out_dir / "activations.png",
                                    lambda tmp: plot_activations(result, tmp)))
     return paths

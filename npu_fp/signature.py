@@ -112,13 +112,18 @@ def load_signature(path: str | Path) -> Signature:
     return Signature(doc, str(p))
 
 
-def tensors_csv(rows: list[dict[str, Any]]) -> str:
+def rows_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """A tidy CSV of `columns` (None becomes an empty cell, extra keys are left out)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     return buf.getvalue()
+
+
+def tensors_csv(rows: list[dict[str, Any]]) -> str:
+    return rows_csv(rows, CSV_COLUMNS)
 
 
 def write_signature(doc: dict, out_dir: Path) -> Path:
