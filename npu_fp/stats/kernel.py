@@ -47,25 +47,22 @@ class MomentKernel:
         dev = to_device_float(flat, self.device)
         pieces = dev.split(self.chunk)
         # the first chunk tells whether this tensor has a large mean: then centre every chunk
-        first = self._raw_chunk(pieces[0]).tolist()
-        centred = not math.isfinite(first[0]) or not self._raw_ok(first, pieces[0].numel())
-        kernel = self._centred_chunk if centred else self._raw_chunk
-        rows = [first] if not centred else []
-        rest = pieces[1:] if not centred else pieces
-        if rest:
-            rows += torch.stack([kernel(p) for p in rest]).tolist()
+        first = self._chunk(pieces[0], centre=False).tolist()
+        centre = not (math.isfinite(first[0]) and self._raw_ok(first, pieces[0].numel()))
+        rows = [] if centre else [first]
+        todo = pieces if centre else pieces[1:]
+        if todo:
+            rows += torch.stack([self._chunk(p, centre) for p in todo]).tolist()
         for piece, row in zip(pieces, rows, strict=True):
-            s1, mn, mx = row[0], row[1], row[2]
             k = float(piece.numel())
-            if not (math.isfinite(s1) and math.isfinite(row[5])):
+            if not (math.isfinite(row[0]) and math.isfinite(row[5])):
                 total.merge(self._nonfinite_chunk(piece))
-            elif centred:
-                total.merge(Moments(k, s1 / k, row[3], row[4], row[5], mn, mx))
+            elif centre:
+                total.merge(self._from_centred(row, k))
             elif self._raw_ok(row, k):
                 total.merge(self._from_raw(row, k))
             else:  # large mean (or constant chunk): centre first, as raw sums would cancel
-                s, mn, mx, m2, m3, m4 = self._centred_chunk(piece).tolist()
-                total.merge(Moments(k, s / k, m2, m3, m4, mn, mx))
+                total.merge(self._from_centred(self._chunk(piece, centre=True).tolist(), k))
         return total
 
     @staticmethod
@@ -83,26 +80,22 @@ class MomentKernel:
         m4 = s4 - 4.0 * mu * s3 + 6.0 * mu * mu * s2 - 3.0 * k * mu**4
         return Moments(k, mu, m2, m3, m4, mn, mx)
 
-    def _raw_chunk(self, piece: torch.Tensor) -> torch.Tensor:
-        """[sum x, min, max, sum x^2, sum x^3, sum x^4] in float64: one pass fewer than centring."""
-        k = piece.numel()
-        a = self._a[:k]
-        a.copy_(piece)
-        # min/max on the narrow source: half the bytes of the float64 copy, and exact
-        mn, mx = torch.aminmax(piece)
-        b = self._b[:k]
-        torch.mul(a, a, out=b)
-        m = torch.stack([mn, mx]).to(torch.float64)
-        return torch.stack([a.sum(), m[0], m[1], b.sum(), torch.dot(b, a), torch.dot(b, b)])
+    @staticmethod
+    def _from_centred(row: list[float], k: float) -> Moments:
+        s1, mn, mx, m2, m3, m4 = row
+        return Moments(k, s1 / k, m2, m3, m4, mn, mx)
 
-    def _centred_chunk(self, piece: torch.Tensor) -> torch.Tensor:
-        """[sum x, min, max, M2, M3, M4] with powers taken about the chunk mean."""
+    def _chunk(self, piece: torch.Tensor, centre: bool) -> torch.Tensor:
+        """[sum x, min, max, sum d^2, sum d^3, sum d^4] in float64, where d = x - chunk mean when
+        `centre`, else d = x (raw power sums: one pass fewer)."""
         k = piece.numel()
         a = self._a[:k]
         a.copy_(piece)
         s = a.sum()
+        # min/max on the narrow source: half the bytes of the float64 copy, and exact
         mn, mx = torch.aminmax(piece)
-        a.sub_(s / k)
+        if centre:
+            a.sub_(s / k)
         b = self._b[:k]
         torch.mul(a, a, out=b)
         m = torch.stack([mn, mx]).to(torch.float64)
@@ -117,8 +110,7 @@ class MomentKernel:
         a = a[finite]
         m = Moments(nan=float(nan), inf=float(inf))
         if a.numel():
-            s, mn, mx, m2, m3, m4 = self._centred_chunk(a).tolist()
-            m.merge(Moments(float(a.numel()), s / a.numel(), m2, m3, m4, mn, mx))
+            m.merge(self._from_centred(self._chunk(a, centre=True).tolist(), float(a.numel())))
         return m
 
 
