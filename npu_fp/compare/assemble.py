@@ -53,7 +53,7 @@ def _no_test_reason(a: Entry, b: Entry, prep) -> str:
 
 
 def _expert_map(fams: list[dict], layers: list[dict]) -> dict | None:
-    blocks = [b for lr in layers for b in lr["blocks"] if b["block"] != "mlp"]
+    blocks = [b for lr in layers for b in lr["blocks"] if b["block"] != "mlp" and "hist" in b]
     if not blocks:
         return None
     rows: dict[str, dict] = {}

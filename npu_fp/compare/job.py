@@ -32,6 +32,7 @@ from npu_fp.dist import (
     main_raises_everywhere,
 )
 from npu_fp.io.safetensors_header import CheckpointError
+from npu_fp.signature import load_signature
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,17 @@ def _run_phase(ctx: DistContext, items: list[Any], costs: list[int], fn, label: 
     return merged
 
 
+def canonical_pairs(entries: list[Entry]) -> list[tuple[int, int]]:
+    """Every pair once, its two sides in an order fixed by the models' content (content hash,
+    then name), not by the order they were given: compare(A, B) and compare(B, A) run the same
+    computation and give the same verdict and p-value (the report lists `a` and `b` in this
+    order)."""
+    keys = [(str(load_signature(e.signature_path).identity.get("content_hash") or ""), e.name)
+            for e in entries]
+    return [(i, j) if keys[i] <= keys[j] else (j, i)
+            for i, j in combinations(range(len(entries)), 2)]
+
+
 def _blocked(a: Entry, b: Entry) -> str | None:
     if a.signature_path == b.signature_path or (a.weights and a.weights == b.weights):
         return (f"self-comparison: {a.name} and {b.name} are the same model "
@@ -116,7 +128,7 @@ def compare_models(ctx: DistContext, cfg: RunConfig, models: list[str], signatur
     bank = load_bank(cc.bank) if cc.bank else None
     entries = resolve_entries(ctx, cfg, models, signatures, out_dir, names)
     t_fp = time.perf_counter() - t_start
-    pairs = list(combinations(range(len(entries)), 2))
+    pairs = canonical_pairs(entries)
     views = _Views(cfg)
     weighted = [k for k, (i, j) in enumerate(pairs) if entries[i].weights and entries[j].weights
                 and not _blocked(entries[i], entries[j])]

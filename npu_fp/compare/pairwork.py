@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from npu_fp.compare.align import Residual, align_pair
+from npu_fp.compare.exact import identity_test
 from npu_fp.compare.tensors import ModelView
 from npu_fp.compare.units import (
     block_test,
@@ -133,6 +134,7 @@ def layer_pair(a: ModelView, b: ModelView, la: int, lb: int, prep: Prep, cfg: Co
         if t is not None:
             inplace.append({"role": role, "layer_a": la, "layer_b": lb, "expert": expert, **t})
     blocks = _block_tests(a, b, A, B, la, lb, cfg)
+    identity = _identity_tests(a, b, A, B, la, lb, diagonal)
     head = None
     if diagonal:
         (nh_a, nkv_a), (nh_b, nkv_b) = _heads(a), _heads(b)
@@ -145,7 +147,57 @@ def layer_pair(a: ModelView, b: ModelView, la: int, lb: int, prep: Prep, cfg: Co
                 head = head_test(qa, qb, nh_a, nkv_a or nh_a, cfg.lap_max_units)
     if head is not None:
         head.update(layer_a=la, layer_b=lb)
-    return {"layer_a": la, "layer_b": lb, "inplace": inplace, "blocks": blocks, "heads": head}
+    return {"layer_a": la, "layer_b": lb, "inplace": inplace, "blocks": blocks, "heads": head,
+            "identity": identity}
+
+
+# Families whose heads are not exchangeable (a fixed per-head ALiBi slope orders them), so an
+# identity test on heads has no exact null there.
+ORDERED_HEADS = frozenset({"bloom", "mpt", "falcon_alibi", "baichuan_alibi"})
+
+
+def _ordered_heads(view: ModelView) -> bool:
+    cfg = view.source.config
+    return bool(cfg.get("alibi")) or str(cfg.get("model_type")) in ORDERED_HEADS
+
+
+def _group_rows(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups * r, H'] unit rows -> one flattened row per KV group."""
+    return x.reshape(groups, (x.shape[0] // groups) * x.shape[1])
+
+
+def _identity_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: int,
+                    diagonal: bool) -> list[dict]:
+    """Exact identity tests (compare/exact.py) on every unit axis both layers share: the FFN
+    units of the dense MLP, of the shared expert and of each same-index routed expert, and (for
+    layers paired by position, not chosen by the attention-based matching) the KV groups."""
+    out: list[dict] = []
+    names_a = {label: (e, roles) for label, e, roles in A.blocks()}
+    for label, e, roles in B.blocks():
+        if label not in names_a:
+            continue
+        ba, bb = A.block(names_a[label][0], roles), B.block(e, roles)
+        keys = [k for k in ("gate", "up", "down") if k in ba and k in bb]
+        t = identity_test([ba[k] for k in keys], [bb[k] for k in keys]) if keys else None
+        if t is not None:
+            out.append({"role": "mlp" if label == "mlp" else label, "unit": "ffn unit",
+                        "layer_a": la, "layer_b": lb, "expert": e, "parts": keys, **t})
+    if diagonal and not (_ordered_heads(a) or _ordered_heads(b)):
+        (nh_a, nkv_a), (nh_b, nkv_b) = _heads(a), _heads(b)
+        if nh_a and nh_a == nh_b and (nkv_a or nh_a) == (nkv_b or nh_b):
+            groups = nkv_a or nh_a
+            pa, pb = [], []
+            for role in ATTN:
+                xa, xb = A.units(role), B.units(role)
+                if xa is None or xb is None or xa.shape != xb.shape or xa.shape[0] % groups:
+                    continue
+                pa.append(_group_rows(xa, groups))
+                pb.append(_group_rows(xb, groups))
+            t = identity_test(pa, pb) if pa else None
+            if t is not None:
+                out.append({"role": "attn", "unit": "kv group", "layer_a": la, "layer_b": lb,
+                            "expert": None, **t})
+    return out
 
 
 def _block_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: int,

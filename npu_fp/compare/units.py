@@ -22,6 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from npu_fp.compare.align import Residual, selfnorm_z
+from npu_fp.compare.exact import degenerate
 from npu_fp.compare.stats import agreement_z, log_norm_sf, spearman
 
 # Roles whose matrix reads the residual stream on its input side (columns); the others write it.
@@ -113,6 +114,10 @@ def block_test(block: dict[str, torch.Tensor], pool: dict[str, torch.Tensor], la
     n, m = block[roles[0]].shape[0] if roles else 0, pool[roles[0]].shape[0] if roles else 0
     if len(roles) < 2 or n < 4 or m < 4:
         return None
+    for r in roles:
+        why = degenerate(block[r]) or degenerate(pool[r])
+        if why:
+            return {"excluded": why, "n": n, "pool": m, "roles": roles}
     maps = [match(reduce_dims(block[r], proj_dim, salt=s), reduce_dims(pool[r], proj_dim, salt=s),
                   lap_max) for s, r in enumerate(roles)]
     keys = [local[mp] for mp in maps] if local is not None else maps
@@ -134,6 +139,11 @@ def head_test(qa: dict[str, torch.Tensor], qb: dict[str, torch.Tensor], nh: int,
               lap_max: int) -> dict | None:
     """Heads matched by q rows and by o columns (and KV heads by k and by v), then agreement."""
     zs, rhos = [], []
+    for side in (qa, qb):
+        for r, x in side.items():
+            why = degenerate(x)
+            if why:
+                return {"excluded": f"{r}: {why}", "n": nh, "kv": nkv}
     for (r1, r2), count in ((("q", "o"), nh), (("k", "v"), nkv)):
         if count < 3 or not all(r in qa and r in qb for r in (r1, r2)):
             continue

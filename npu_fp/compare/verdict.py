@@ -27,16 +27,55 @@ from npu_fp.compare.stats import (
     sidak_logp,
 )
 
-TIERS = {0: "identical bytes", 1: "aligned weights", 2: "matched units", 3: "profiles"}
+TIERS = {0: "identical bytes", 1: "identity tests", 2: "matched units", 3: "reported scores"}
 LOCAL_P = 1e-3  # a layer / role / expert is named in the localization when its own p is below
-RULE = ("related: combined weight-level p < p_threshold; independent: a powered weight-level test "
-        "ran and combined p >= weak_p; inconclusive otherwise. Profile scores never decide.")
+RULE = ("related: the Sidak-combined p of the decisive weight-level families < p_threshold; "
+        "independent: a powered decisive test ran and the combined p >= weak_p; inconclusive "
+        "otherwise. Reported scores (vocabulary alignment, in-place correlations, layer "
+        "matching, MDIR, profiles) never decide.")
+
+# The null hypothesis each family's p-value is valid under (report.json carries it per family;
+# README "Why you can trust a verdict" gives the real-weight evidence).
+NULLS = {
+    "identical_bytes": (
+        "exact: independently trained models do not share byte-identical non-constant tensors "
+        "(xxh3-128 digests of the stored bytes; constant and tiny tensors ignored)"),
+    "residual_identity": (
+        "exact under permutation-equivariant training: B's residual-stream dimensions are "
+        "exchangeable, so embeddings of shared tokens cannot agree dimension by dimension more "
+        "than a random permutation does (Chatterjee's permutation bound, no fitted alignment)"),
+    "unit_identity": (
+        "exact under permutation-equivariant training: B's FFN units and KV groups of each layer "
+        "are exchangeable (independent permutations per layer and block), so same-index units "
+        "agree no more than under a random permutation (Chatterjee's bound; Fisher across "
+        "layers, Cauchy within a layer); the residual map is fitted on embeddings only"),
+    "matched_units": (
+        "analytic: three unit matchings (gate, up, down; q/o, k/v for heads) fitted "
+        "separately agree like independent permutations (Spearman, variance 1/(n-1)); "
+        "empirical: checked on real within-model and cross-model null pairs (README)"),
+    "expert_units": (
+        "analytic: as matched units, for each expert matched into the other model's FFN unit "
+        "pool; empirical: the same block test checked on real within-model null pairs"),
+    "aligned_weights": (
+        "none that holds for trained models: the self-normalised z assumes independent "
+        "symmetric entries, which shared token semantics and outlier dimensions violate; "
+        "reported, never decisive"),
+    "layer_matching": (
+        "none that holds for trained models (sketch z of fitted alignments); used to choose "
+        "layer pairs, never decisive"),
+    "mdir": ("MDIR's own bound (arXiv 2508.06309), which assumes independent Gaussian "
+             "embeddings; reported, never decisive (README: its bound fails on real pairs)"),
+    "profiles": "empirical against a bank of independent signatures when given; never decisive",
+}
+DECISIVE = frozenset({"identical_bytes", "residual_identity", "unit_identity", "matched_units",
+                      "expert_units"})
 
 
 def _entry(kind: str, tier: int, logp: float | None, tests: int, powered: bool, summary: str,
            **extra: object) -> dict:
     return {
         "kind": kind, "tier": tier, "tier_name": TIERS[tier],
+        "decisive": kind in DECISIVE, "null": NULLS[kind],
         "p_value": None if logp is None else p_value(logp),
         "log10_p": None if logp is None else round(log10p(logp), 3),
         "tests": tests, "powered": powered, "summary": summary, **extra,
@@ -78,6 +117,28 @@ def families(hashes: list[tuple[str, str]], hash_note: str | None, align: dict |
                            tensors=[list(h) for h in hashes]))
     elif hash_note:
         fams.append(_entry("identical_bytes", 0, None, 0, False, hash_note))
+    ident = (align or {}).get("identity")
+    if ident and "log_p" in ident:
+        fams.append(_entry(
+            "residual_identity", 1, ident["log_p"], 1, True,
+            f"{ident['n']} residual dimensions at the identity over {ident['tokens']} shared "
+            f"tokens: mean clamped cosine {ident['mean_diag_cos']:.3f} "
+            f"({ident['matching_units']} dims with cosine > 0.5)",
+            localization={"layer_pairs": [], "roles": [ident.get("role", "embed.tok")],
+                          "significant": int(ident["log_p"] < math.log(LOCAL_P)), "of": 1}))
+    unit_tests = [t for lr in layers for t in lr.get("identity", []) if "log_p" in t]
+    excluded = [t for lr in layers for t in lr.get("identity", []) if "excluded" in t]
+    if unit_tests:
+        best = min(unit_tests, key=lambda t: t["log_p"])
+        agree = sum(t["matching_units"] for t in unit_tests)
+        units = sum(t["n"] for t in unit_tests)
+        note = f"; {len(excluded)} blocks excluded (degenerate weights)" if excluded else ""
+        fams.append(_entry(
+            "unit_identity", 1, _layered(unit_tests), len(unit_tests), True,
+            f"{agree} of {units} units agree at the same index (cosine > 0.5) over "
+            f"{len(unit_tests)} blocks; strongest {_where(best)}{note}",
+            localization=_localize(unit_tests),
+            excluded=[{"where": _where(t), "why": t["excluded"]} for t in excluded]))
     inplace = [t for lr in layers for t in lr["inplace"]] + list(head_rows)
     if align and align.get("powered"):
         inplace.append({"role": align.get("role", "embed.tok"), "layer_a": None, "layer_b": None,
@@ -85,18 +146,25 @@ def families(hashes: list[tuple[str, str]], hash_note: str | None, align: dict |
     if inplace:
         best = min(inplace, key=lambda t: t["log_p"])
         fams.append(_entry(
-            "aligned_weights", 1, _layered(inplace), len(inplace), True,
+            "aligned_weights", 3, _layered(inplace), len(inplace), False,
             f"{len(inplace)} same-shape tensors in aligned coordinates; strongest {_where(best)} "
-            f"(z = {best['z']:.1f})", localization=_localize(inplace)))
+            f"(z = {best['z']:.1f}); nominal p, not valid for trained models"))
+    if (align or {}).get("mdir"):
+        md = align["mdir"]
+        fams.append(_entry("mdir", 3, md["log_p"], 1, False,
+                           f"MDIR: {md['tokens']} shared tokens, {md['dims']} dims, "
+                           f"aligned correlation {md['statistic']:.3f}; its own bound p "
+                           f"{md['p_text']}, not valid for trained models"))
     if depth_differs and zmat is not None and zmat.size:
         zmax = float(zmat.max())
         i, j = np.unravel_index(int(zmat.argmax()), zmat.shape)
         logp = sidak_logp(log_norm_sf(zmax), int(zmat.size))
-        fams.append(_entry("layer_matching", 1, logp, int(zmat.size), True,
-                           f"best layer pair A{i}~B{j} (z = {zmax:.1f}), Sidak over "
-                           f"{zmat.shape[0]}x{zmat.shape[1]} layer pairs"))
-    units = [b for lr in layers for b in lr["blocks"] if b["block"] == "mlp"]
-    heads = [lr["heads"] for lr in layers if lr.get("heads")]
+        fams.append(_entry("layer_matching", 3, logp, int(zmat.size), False,
+                           f"best layer pair A{i}~B{j} (z = {zmax:.1f}) over "
+                           f"{zmat.shape[0]}x{zmat.shape[1]} layer pairs; chooses the layer "
+                           "pairs tested, never decisive"))
+    units = [b for lr in layers for b in lr["blocks"] if b["block"] == "mlp" and "z" in b]
+    heads = [lr["heads"] for lr in layers if lr.get("heads") and "z" in lr["heads"]]
     if units or heads:
         parts = []
         if units:
@@ -107,9 +175,16 @@ def families(hashes: list[tuple[str, str]], hash_note: str | None, align: dict |
             parts.append(f"heads matched by q / o (and k / v) compared in {len(heads)} layers")
         fams.append(_entry("matched_units", 2, _layered(units + heads), len(units + heads), True,
                            "; ".join(parts), localization=_localize(units + heads)))
-    experts = [b for lr in layers for b in lr["blocks"] if b["block"] != "mlp"]
+    experts = [b for lr in layers for b in lr["blocks"] if b["block"] != "mlp" and "z" in b]
     if experts:
         fams.append(_upcycling(experts))
+    dropped = [b for lr in layers for b in lr["blocks"] if "excluded" in b]
+    dropped += [lr["heads"] for lr in layers if lr.get("heads") and "excluded" in lr["heads"]]
+    for f in fams:
+        if f["kind"] in ("matched_units", "expert_units") and dropped:
+            f["excluded"] = [{"where": f"layers {b.get('layer_a')}/{b.get('layer_b')} "
+                                       f"{b.get('block', 'heads')}", "why": b["excluded"]}
+                             for b in dropped]
     return fams
 
 
@@ -163,26 +238,38 @@ def _upcycling(blocks: list[dict]) -> dict:
 
 def decide(fams: list[dict], p_threshold: float, weak_p: float, blocked: str | None,
            no_test_reason: str = "no weight-level test applies") -> dict:
-    """The verdict, the combined p-value and the reason."""
+    """The verdict, the combined p-value, the deciding family and the reason.
+
+    Only decisive families (`DECISIVE`: nulls that hold for independently trained models) enter;
+    the smallest of their p-values is Sidak-corrected for how many ran."""
+    none = {"p_value": None, "log10_p": None, "decided_by": None}
     if blocked:
-        return {"verdict": "inconclusive", "p_value": None, "log10_p": None, "reason": blocked}
-    weight = [f for f in fams if f["tier"] <= 2 and f["log10_p"] is not None]
+        return {"verdict": "inconclusive", **none, "reason": blocked}
+    weight = [f for f in fams if f["decisive"] and f["log10_p"] is not None]
     if not weight:
-        return {"verdict": "inconclusive", "p_value": None, "log10_p": None,
-                "reason": no_test_reason}
-    logp = sidak_logp(min(f["log10_p"] for f in weight) * math.log(10.0), len(weight))
-    base = {"p_value": p_value(logp), "log10_p": round(log10p(logp), 3)}
+        return {"verdict": "inconclusive", **none, "reason": no_test_reason}
+    top = min(weight, key=lambda f: (f["log10_p"], f["tier"]))
+    logp = sidak_logp(top["log10_p"] * math.log(10.0), len(weight))
+    base = {"p_value": p_value(logp), "log10_p": round(log10p(logp), 3),
+            "decided_by": {"family": top["kind"], "log10_p": top["log10_p"],
+                           "localization": top.get("localization")}}
     if logp < math.log(p_threshold):
-        top = min(weight, key=lambda f: (f["tier"], f["log10_p"]))
-        return {"verdict": "related", **base, "reason": f"{top['tier_name']}: {top['summary']}"}
+        return {"verdict": "related", **base,
+                "reason": f"{top['kind']} (p = {_p_text(top['log10_p'])}): {top['summary']}"}
     if not any(f["powered"] for f in weight):
         return {"verdict": "inconclusive", **base,
                 "reason": "no weight-level test with power (shapes and vocabularies do not allow one)"}
     if logp < math.log(weak_p):
         return {"verdict": "inconclusive", **base,
-                "reason": f"weak weight-level evidence: p between {p_threshold:g} and {weak_p:g}"}
+                "reason": f"weak weight-level evidence: p between {p_threshold:g} and {weak_p:g} "
+                          f"({top['kind']})"}
     return {"verdict": "independent", **base,
-            "reason": "weight-level tests with power found no shared origin"}
+            "reason": f"decisive weight-level tests with power found no shared origin "
+                      f"({', '.join(sorted({f['kind'] for f in weight}))})"}
+
+
+def _p_text(log10_p: float) -> str:
+    return f"1e{log10_p:.0f}" if log10_p < -300 else f"{10 ** log10_p:.3g}"
 
 
 def rank_evidence(fams: list[dict], profile_entry: dict | None) -> list[dict]:
@@ -201,5 +288,4 @@ def profile_evidence(scores: dict, calib: dict) -> dict:
         note, logp = "uncalibrated (no reference bank)", None
     text = "n/a" if s is None else f"{s:.3f}"
     return _entry("profiles", 3, logp, len([v for v in scores.values() if v is not None]), False,
-                  f"honestagi_score {text}, {note}; screening only, never decisive",
-                  decisive=False)
+                  f"honestagi_score {text}, {note}; screening only, never decisive")

@@ -124,12 +124,8 @@ def markdown(doc: dict) -> str:
     for p in doc["pairs"]:
         lines += ["", f"## {p['a']} vs {p['b']}: {p['verdict']} (p {_p(p)})", "",
                   f"Reason: {p['reason']}", "", "Evidence, strongest first:", ""]
-        for e in p["evidence"]:
-            pv = "" if e.get("log10_p") is None else f" (p {_p(e)})"
-            lines.append(f"- *{e['tier_name']}* / `{e['kind']}`{pv}: {e['summary']}")
+        lines += _evidence_table(p)
         lines += _activation_lines(p.get("profiles", {}).get("activation_norms"))
-        if p.get("localization"):
-            lines += ["", "Localization: `" + json.dumps(p["localization"])[:1500] + "`"]
         al = p.get("alignment") or {}
         if al:
             lines += ["", f"Residual alignment: {al.get('note', '')}; map: {al.get('map', 'n/a')}"]
@@ -139,6 +135,38 @@ def markdown(doc: dict) -> str:
             if f:
                 lines += ["", f"![{title}]({f})"]
     return "\n".join(lines) + "\n"
+
+
+def _where_text(loc: dict | None) -> str:
+    if not loc:
+        return "-"
+    parts = []
+    if loc.get("layer_pairs"):
+        shown = ", ".join(f"{a}/{b}" for a, b in loc["layer_pairs"][:8])
+        more = f" (+{len(loc['layer_pairs']) - 8})" if len(loc["layer_pairs"]) > 8 else ""
+        parts.append(f"layers {shown}{more}")
+    if loc.get("roles"):
+        parts.append(", ".join(map(str, loc["roles"][:6])))
+    if "significant" in loc:
+        parts.append(f"{loc['significant']} of {loc['of']} tests at p < 1e-3")
+    return "; ".join(parts) or "-"
+
+
+def _evidence_table(p: dict) -> list[str]:
+    """One row per evidence family: does it decide, its null, statistic, p and where."""
+    rows = ["| family | decides | null hypothesis | statistic | p | where |",
+            "|---|---|---|---|---|---|"]
+    for e in p["evidence"]:
+        pv = "-" if e.get("log10_p") is None else _p(e).removeprefix("= ")
+        rows.append(f"| `{e['kind']}` | {'yes' if e.get('decisive') else 'no (reported)'} | "
+                    f"{e.get('null', '-')} | {e['summary']} | {pv} | "
+                    f"{_where_text(e.get('localization'))} |")
+        for x in e.get("excluded", [])[:6]:
+            rows.append(f"| | | excluded | {x['where']}: {x['why']} | | |")
+    decided = p.get("decided_by")
+    head = [f"Decided by: `{decided['family']}`" if decided and p["verdict"] == "related"
+            else "Decided by: no decisive family reached the threshold", ""]
+    return head + rows
 
 
 def verdict_summary(report_path: Path) -> str:
