@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from npu_fp import derive, realweights
 from npu_fp.compare.align import identity
 from npu_fp.compare.pairwork import Prep, layer_pair
 from npu_fp.compare.tensors import ModelView
@@ -86,3 +88,62 @@ def false_positives(rows: list[NullRow], family: str, level: float) -> tuple[int
     """(rows of `family` with p < level, rows of `family`)."""
     fam = [r for r in rows if r.family == family]
     return sum(1 for r in fam if r.log_p < math.log(level)), len(fam)
+
+
+# --- the whole real-weight null set (benchmarks/real_weights.py and tests/test_real_weights.py) --
+
+LEVELS = (0.05, 0.01, 1e-3, 1e-6)
+
+
+def build_related(base: Path, out: Path) -> dict[str, Path]:
+    """Real related copies of a real model: re-quantised, vocabulary-pruned and reordered,
+    function-preserving permutation (FFN units, heads and hidden dimensions), continued
+    training (noise plus low-rank drift)."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = {"requant_q8": lambda d: realweights.requantize(base, d, "Q8_0"),
+            "vocab_pruned": lambda d: derive.vocab_reorder_truncate(base, d),
+            "permuted": lambda d: derive.permute(base, d, hidden=True),
+            "continued": lambda d: derive.continued_training(base, d)}
+    paths = {}
+    for name, fn in made.items():
+        dst = out / f"{base.name}_{name}"
+        if not (dst / "model.safetensors").exists():
+            fn(dst)
+        paths[name] = dst
+    return paths
+
+
+def family_rows(doc: dict, labels: dict[tuple[str, str], str]) -> list[dict]:
+    """Per pair of a compare report: truth label, verdict, and each family's log10 p."""
+    out = []
+    for p in doc["pairs"]:
+        truth = labels.get((p["a"], p["b"])) or labels.get((p["b"], p["a"])) or "unknown"
+        fams = {e["kind"]: e.get("log10_p") for e in p["evidence"]}
+        out.append({"a": p["a"], "b": p["b"], "truth": truth, "verdict": p["verdict"],
+                    "log10_p": p["log10_p"], "families": fams,
+                    "decided_by": (p.get("decided_by") or {}).get("family")})
+    return out
+
+
+def null_summary(rows: list[NullRow], pair_rows: list[dict]) -> list[dict]:
+    """Per family and half: null tests, smallest p seen, and false positives at each level."""
+    table = []
+    families = sorted({r.family for r in rows})
+    for fam in families:
+        for half in ("calibration", "check"):
+            sel = [r for r in rows if r.family == fam and r.half == half]
+            if not sel:
+                continue
+            table.append({
+                "family": fam, "kind": "within-model", "half": half, "tests": len(sel),
+                "max_statistic": round(max(r.statistic for r in sel), 3),
+                "min_log10_p": round(min(r.log_p for r in sel) / math.log(10), 3),
+                **{f"fp@{lv:g}": sum(r.log_p < math.log(lv) for r in sel) for lv in LEVELS}})
+    cross = [r for r in pair_rows if r["truth"] == "independent"]
+    kinds = sorted({k for r in cross for k, v in r["families"].items() if v is not None})
+    for fam in kinds:
+        vals = [r["families"][fam] for r in cross if r["families"].get(fam) is not None]
+        table.append({"family": fam, "kind": "cross-model", "half": "all", "tests": len(vals),
+                      "max_statistic": None, "min_log10_p": round(min(vals), 3),
+                      **{f"fp@{lv:g}": sum(v < math.log10(lv) for v in vals) for lv in LEVELS}})
+    return table

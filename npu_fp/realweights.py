@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 
 class RealWeightsError(ValueError):
@@ -224,8 +225,6 @@ E5S1_GLOBAL = {"emb.word": "embeddings.word_embeddings", "emb.pos": "embeddings.
 
 
 def convert_e5s1(path: Path, dst: Path) -> None:
-    import struct
-
     b = path.read_bytes()
     if b[:4] != b"E5S1":
         raise RealWeightsError(f"{path}: not an E5S1 file (magic {b[:4]!r})")
@@ -328,8 +327,6 @@ def prepare(cache: str | Path, keys: tuple[str, ...] | None = None,
 
 
 def _load_folder(src: Path) -> tuple[dict[str, torch.Tensor], dict, str | None]:
-    from safetensors.torch import load_file
-
     tensors = load_file(str(src / "model.safetensors"))
     config = json.loads((src / "config.json").read_text())
     tok = src / "tokenizer.json"

@@ -139,6 +139,11 @@ def families(hashes: list[tuple[str, str]], hash_note: str | None, align: dict |
             f"{len(unit_tests)} blocks; strongest {_where(best)}{note}",
             localization=_localize(unit_tests),
             excluded=[{"where": _where(t), "why": t["excluded"]} for t in excluded]))
+    elif excluded:
+        fams.append(_entry(
+            "unit_identity", 1, None, 0, False,
+            f"all {len(excluded)} blocks excluded: degenerate weights carry no lineage evidence",
+            excluded=[{"where": _where(t), "why": t["excluded"]} for t in excluded]))
     inplace = [t for lr in layers for t in lr["inplace"]] + list(head_rows)
     if align and align.get("powered"):
         inplace.append({"role": align.get("role", "embed.tok"), "layer_a": None, "layer_b": None,
@@ -247,6 +252,10 @@ def decide(fams: list[dict], p_threshold: float, weak_p: float, blocked: str | N
         return {"verdict": "inconclusive", **none, "reason": blocked}
     weight = [f for f in fams if f["decisive"] and f["log10_p"] is not None]
     if not weight:
+        dropped = [x for f in fams for x in f.get("excluded", [])]
+        if dropped:
+            no_test_reason = (f"degenerate weights: {dropped[0]['where']}: {dropped[0]['why']} "
+                              f"({len(dropped)} blocks excluded)")
         return {"verdict": "inconclusive", **none, "reason": no_test_reason}
     top = min(weight, key=lambda f: (f["log10_p"], f["tier"]))
     logp = sidak_logp(top["log10_p"] * math.log(10.0), len(weight))

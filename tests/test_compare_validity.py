@@ -1,0 +1,90 @@
+"""Validity of the decisive tests: exact permutation bounds, argument-order symmetry, and no
+evidence from degenerate (zero, constant) weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from compare_fixtures import SHAPE, run_compare, write_base
+from safetensors.torch import load_file, save_file
+
+from npu_fp import derive
+from npu_fp.compare.exact import chatterjee_logp, degenerate, identity_test
+
+
+def test_chatterjee_bound_is_a_valid_p_value_under_random_permutations() -> None:
+    """Under a uniform permutation of B's units the bound never falls below the exact
+    permutation tail: P(bound <= level) <= level for every level."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 32, generator=g)
+    b = a + 0.8 * torch.randn(64, 32, generator=g)  # strongly related at the identity
+    logps = []
+    for _ in range(400):
+        perm = torch.randperm(64, generator=g)
+        t = identity_test([a], [b[perm]])
+        assert t is not None
+        logps.append(t["log_p"])
+    ps = np.exp(np.array(logps))
+    for level in (0.5, 0.1, 0.05):
+        assert (ps <= level).mean() <= level
+    unpermuted = identity_test([a], [b])
+    assert unpermuted is not None and unpermuted["log_p"] < math.log(1e-6)
+
+
+def test_chatterjee_bound_edge_cases() -> None:
+    assert chatterjee_logp(1.0, 2.0) == 0.0
+    assert chatterjee_logp(100.0, 1.0) < math.log(1e-20)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: torch.zeros(8, 16), "all-zero"),
+    (lambda: torch.ones(8, 16), "constant"),
+    (lambda: torch.outer(torch.arange(1.0, 9.0), torch.ones(16)), "rank-one"),
+    (lambda: torch.full((8, 16), float("nan")), "non-finite"),
+])
+def test_degenerate_blocks_are_named(make, why: str) -> None:
+    reason = degenerate(make())
+    assert reason is not None and why in reason
+    assert degenerate(torch.randn(8, 16)) is None
+
+
+def _degenerate_copy(base: Path, out: Path, fill: float) -> Path:
+    derive.resave(base, out, torch.float32)
+    tensors = load_file(str(out / "model.safetensors"))
+    save_file({k: torch.full_like(v, fill) for k, v in tensors.items()},
+              str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.slow
+def test_zero_and_constant_models_are_never_related(tmp_path: Path) -> None:
+    base = write_base(tmp_path / "base", 11)
+    zero = _degenerate_copy(base, tmp_path / "zero", 0.0)
+    const = _degenerate_copy(base, tmp_path / "const", 0.02)
+    other = write_base(tmp_path / "other", 12)
+    doc = run_compare([base, zero, const, other], tmp_path / "out")
+    for p in doc["pairs"]:
+        assert p["verdict"] != "related", (p["a"], p["b"], p["reason"])
+    ez = next(p for p in doc["pairs"] if {p["a"], p["b"]} == {"base", "zero"})
+    excluded = [x for e in ez["evidence"] for x in e.get("excluded", [])]
+    assert excluded and any("zero" in x["why"] for x in excluded)
+
+
+@pytest.mark.slow
+def test_verdict_and_p_value_do_not_depend_on_argument_order(tmp_path: Path) -> None:
+    base = write_base(tmp_path / "base", 21)
+    perm = derive.permute(base, tmp_path / "perm", 22, hidden=True)
+    other = write_base(tmp_path / "other", 23)
+    ab = run_compare([base, perm, other], tmp_path / "ab")
+    ba = run_compare([other, perm, base], tmp_path / "ba")
+
+    def key(doc: dict) -> dict:
+        return {frozenset((p["a"], p["b"])): (p["verdict"], p["log10_p"]) for p in doc["pairs"]}
+
+    assert key(ab) == key(ba)
+    assert key(ab)[frozenset(("base", "perm"))][0] == "related"
+    assert SHAPE["num_hidden_layers"] == 4
