@@ -42,6 +42,10 @@ def dispatch(cfg: RunConfig) -> object:
         from npu_fp.activations import activations
 
         return activations(cfg)
+    if cfg.command == "benchmark":
+        from npu_fp.lineage_bench import benchmark
+
+        return benchmark(cfg)
     raise AssertionError(cfg.command)
 
 

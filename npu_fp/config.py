@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 DEVICES = ("auto", "cpu", "cuda", "npu")
-COMMANDS = ("fingerprint", "compare", "activations")
+COMMANDS = ("fingerprint", "compare", "activations", "benchmark")
 
 
 @dataclass
@@ -111,6 +111,12 @@ class CompareConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    pairs: str | None = None  # manifest of models and labelled pairs (npu_fp/lineage_bench.py)
+    models_dir: str | None = None  # HF cache folder where `hf` ids of the manifest are looked up
+
+
+@dataclass
 class RunConfig:
     command: str = "fingerprint"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -126,6 +132,7 @@ class RunConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:

@@ -119,7 +119,8 @@ def _blocked(a: Entry, b: Entry) -> str | None:
 
 
 def compare_models(ctx: DistContext, cfg: RunConfig, models: list[str], signatures: list[str],
-                   out_dir: Path, names: list[str] | None = None) -> Path | None:
+                   out_dir: Path, names: list[str] | None = None,
+                   only: set[frozenset[str]] | None = None) -> Path | None:
     """Collective: compare every pair; rank 0 writes the report and returns its path."""
     t_start = time.perf_counter()
     cc = cfg.compare
@@ -129,6 +130,8 @@ def compare_models(ctx: DistContext, cfg: RunConfig, models: list[str], signatur
     entries = resolve_entries(ctx, cfg, models, signatures, out_dir, names)
     t_fp = time.perf_counter() - t_start
     pairs = canonical_pairs(entries)
+    if only is not None:  # a labelled benchmark asks for some pairs, not all N^2 / 2
+        pairs = [(i, j) for i, j in pairs if frozenset((entries[i].name, entries[j].name)) in only]
     views = _Views(cfg)
     weighted = [k for k, (i, j) in enumerate(pairs) if entries[i].weights and entries[j].weights
                 and not _blocked(entries[i], entries[j])]
