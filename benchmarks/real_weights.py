@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from npu_fp import calibration, realweights
+from npu_fp.compare import margins
 from npu_fp.compare.job import compare
 from npu_fp.compare.tensors import open_view
 from npu_fp.config import CompareConfig, RunConfig
@@ -66,7 +67,7 @@ def main() -> None:
     for key, path in models.items():
         view = open_view(str(path))
         hidden = view.shape(None, "embed.tok")[1]
-        pairs = calibration.layer_pairs(view.num_layers, args.within_pairs)
+        pairs = calibration.layer_pairs(view.num_layers, args.within_pairs, adjacent=True)
         rows += calibration.within_model_null(key, view, hidden, cc, torch.device("cpu"), pairs)
         view.close()
     t_null = time.perf_counter() - t0 - t_prep - t_cmp
@@ -79,6 +80,9 @@ def main() -> None:
     print("\nnull table (false positives at each nominal level)")
     for t in table:
         print(json.dumps(t))
+    print("\nunit-agreement envelope (calibration half) measured:",
+          calibration.measured_envelope(rows), "committed in compare/margins.py:",
+          margins.MEASURED_MAX_FRACTION)
     fp = [r for r in pair_rows if r["truth"] == "independent" and r["verdict"] == "related"]
     fn = [r for r in pair_rows if r["truth"] == "related" and r["verdict"] != "related"]
     print(f"\nfalse accusations: {len(fp)}; missed related pairs: {len(fn)}")

@@ -26,8 +26,9 @@ import torch
 
 from npu_fp import derive, realweights
 from npu_fp.compare.align import identity
-from npu_fp.compare.pairwork import Prep, layer_pair
+from npu_fp.compare.pairwork import FFN, Prep, layer_pair
 from npu_fp.compare.tensors import ModelView
+from npu_fp.compare.units import block_test, to_units
 from npu_fp.config import CompareConfig
 
 
@@ -36,28 +37,44 @@ class NullRow:
     """One test on one real null pair."""
 
     model: str
-    family: str  # "unit_identity" | "matched_units" | "matched_heads" | "inplace"
+    family: str  # unit_identity | matched_units(_analytic) | expert_units | matched_heads | inplace
     test: str  # e.g. "mlp", "attn", "expert 3", role name
     layer_a: int
     layer_b: int
-    statistic: float  # z for z-tests, X - EX for identity tests
+    statistic: float  # z for z-tests, X - EX for identity tests, agreement fraction for margins
     log_p: float
     half: str  # "calibration" | "check"
+    matchings: int = 0  # unit matchings compared (2: up/down, 3: gate/up/down); margins only
 
     def to_json(self) -> dict:
         return {"model": self.model, "family": self.family, "test": self.test,
                 "layer_a": self.layer_a, "layer_b": self.layer_b,
                 "statistic": round(self.statistic, 4), "log10_p": round(self.log_p / math.log(10), 4),
-                "half": self.half}
+                "half": self.half, "matchings": self.matchings}
 
 
-def layer_pairs(num_layers: int, max_pairs: int, seed: int = 0) -> list[tuple[int, int]]:
-    """Distinct layer pairs (i < j), a seeded subset when there are more than `max_pairs`."""
+def layer_pairs(num_layers: int, max_pairs: int, seed: int = 0,
+                adjacent: bool = False) -> list[tuple[int, int]]:
+    """Distinct layer pairs (i < j), a seeded subset when there are more than `max_pairs`;
+    with `adjacent`, every (l, l + 1) too: neighbours share the most features (hardest null)."""
     pairs = list(combinations(range(num_layers), 2))
-    if len(pairs) <= max_pairs:
-        return pairs
-    pick = np.sort(np.random.default_rng(seed).choice(len(pairs), size=max_pairs, replace=False))
-    return [pairs[i] for i in pick]
+    if len(pairs) > max_pairs:
+        pick = np.sort(np.random.default_rng(seed).choice(len(pairs), size=max_pairs,
+                                                          replace=False))
+        pairs = [pairs[i] for i in pick]
+    if adjacent:
+        pairs = sorted(set(pairs) | {(k, k + 1) for k in range(num_layers - 1)})
+    return pairs
+
+
+def measured_envelope(rows: list[NullRow]) -> dict[int, float]:
+    """Largest agreement fraction per number of matchings on the calibration half (what
+    compare/margins.py's MEASURED_MAX_FRACTION records)."""
+    out: dict[int, float] = {}
+    for r in rows:
+        if r.family in ("matched_units", "expert_units") and r.half == "calibration":
+            out[r.matchings] = max(out.get(r.matchings, 0.0), r.statistic)
+    return out
 
 
 def within_model_null(name: str, view: ModelView, hidden: int, cfg: CompareConfig,
@@ -74,14 +91,46 @@ def within_model_null(name: str, view: ModelView, hidden: int, cfg: CompareConfi
         for t in r["blocks"]:
             if "z" not in t:
                 continue
-            rows.append(NullRow(name, "matched_units", t["block"], la, lb, t["z"], t["log_p"],
-                                half))
+            rows.append(NullRow(name, "matched_units", t["block"], la, lb, t["frac"],
+                                t["margin_log_p"], half, len(t["roles"])))
+            rows.append(NullRow(name, "matched_units_analytic", t["block"], la, lb, t["z"],
+                                t["log_p"], half))
         if r["heads"] is not None and "z" in r["heads"]:
             rows.append(NullRow(name, "matched_heads", "heads", la, lb, r["heads"]["z"],
                                 r["heads"]["log_p"], half))
         for t in r["inplace"]:
             rows.append(NullRow(name, "inplace", t["role"], la, lb, t["z"], t["log_p"], half))
+        for t in pseudo_expert_tests(view, la, lb, prep, cfg, device):
+            rows.append(NullRow(name, "expert_units", t["block"], la, lb, t["frac"],
+                                t["margin_log_p"], half, len(t["roles"])))
     return rows
+
+
+def pseudo_expert_tests(view: ModelView, la: int, lb: int, prep: Prep, cfg: CompareConfig,
+                        device: torch.device, experts: int = 8) -> list[dict]:
+    """The expert -> parent test (`block_test` of one expert into a dense FFN pool) on a real
+    null: layer `lb`'s FFN cut into `experts` contiguous slices of units, each matched into
+    layer `la`'s FFN, as an upcycled MoE's experts are matched into the dense parent."""
+    res = prep.residual
+    assert res is not None
+    blk_b, pool = {}, {}
+    for short, role in FFN.items():
+        ma, mb = view.read(la, role), view.read(lb, role)
+        if ma is None or mb is None:
+            continue
+        pool[short] = to_units(ma, role, res, "a", device)
+        blk_b[short] = to_units(mb, role, res, "b", device)
+    if len(pool) < 2:
+        return []
+    n = next(iter(blk_b.values())).shape[0]
+    size = n // experts
+    out = []
+    for e in range(experts):
+        blk = {k: v[e * size:(e + 1) * size] for k, v in blk_b.items()}
+        t = block_test(blk, pool, cfg.lap_max_units, cfg.proj_dim)
+        if t is not None and "z" in t:
+            out.append({"block": f"pseudo-expert {e}", **t})
+    return out
 
 
 def false_positives(rows: list[NullRow], family: str, level: float) -> tuple[int, int]:

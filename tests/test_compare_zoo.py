@@ -53,9 +53,13 @@ def test_permutations_are_seen_through(report: tuple[dict, Path]) -> None:
 def test_pruned_layers_are_matched_monotonically(report: tuple[dict, Path]) -> None:
     p = pair(report[0], "base", "pruned")
     lm = p["layer_matching"]
-    assert lm["path"] == [[0, 0], [2, 1]] and lm["tested"] == "monotone matching"
+    # pairs are reported in a canonical order (content hash), so `base` may be either side
+    base_first = p["a"] == "base"
+    path = [[0, 0], [2, 1]] if base_first else [[0, 0], [1, 2]]
+    assert lm["path"] == path and lm["tested"] == "monotone matching"
     assert family(p, "layer_matching")["log10_p"] < -6
-    assert len(lm["z"]) == 4 and len(lm["z"][0]) == 2
+    assert (len(lm["z"]), len(lm["z"][0])) == ((4, 2) if base_first else (2, 4))
+    assert p["verdict"] == "related" and family(p, "unit_identity")["log10_p"] < -6
 
 
 def test_vocabulary_change_is_aligned_by_token_strings(report: tuple[dict, Path]) -> None:
@@ -70,7 +74,9 @@ def test_upcycling_maps_experts_to_parent_units(report: tuple[dict, Path], name:
     for a, b in (("base", name), ("continued", name)):
         p = pair(report[0], a, b)
         fam = family(p, "expert_units")
-        assert fam is not None and fam["log10_p"] < -6 and fam["direction"] == "b->a"
+        moe_side = "b" if p["b"] == name else "a"
+        assert fam is not None and fam["log10_p"] < -6
+        assert fam["direction"] == ("b->a" if moe_side == "b" else "a->b")
         routed = [e for e in fam["experts"] if e["expert"] is not None]
         assert len(routed) == experts
         assert all(e["frac"] > 0.9 and e["log10_p"] < -6 for e in routed)
@@ -114,7 +120,7 @@ def test_report_files(report: tuple[dict, Path]) -> None:
         assert (out / f).stat().st_size > 0, f
     related = [q for q in doc["pairs"] if q["verdict"] == "related"]
     assert len(doc["figures"]["layers"]) == len(related)
-    assert any(k.endswith("|moge") for k in doc["figures"]["experts"])
+    assert any("moge" in k.split("|") for k in doc["figures"]["experts"])
     md = (out / "report.md").read_text()
     assert "1e-06" in md and "uncalibrated" in md
     json.loads((out / "report.json").read_text())  # strict JSON (no NaN)

@@ -23,6 +23,7 @@ from scipy.optimize import linear_sum_assignment
 
 from npu_fp.compare.align import Residual, selfnorm_z
 from npu_fp.compare.exact import degenerate
+from npu_fp.compare.margins import margin_logp
 from npu_fp.compare.stats import agreement_z, log_norm_sf, spearman
 
 # Roles whose matrix reads the residual stream on its input side (columns); the others write it.
@@ -124,7 +125,9 @@ def block_test(block: dict[str, torch.Tensor], pool: dict[str, torch.Tensor], la
     rhos, z, logp = agreement(keys, n)
     agree = np.all([k == keys[0] for k in keys[1:]], axis=0)
     hist = np.bincount((maps[0][agree] * HIST_BINS) // m, minlength=HIST_BINS)
+    agreeing = int(agree.sum())
     return {"n": n, "pool": m, "roles": roles, "rho": rhos, "z": z, "log_p": logp,
+            "agree": agreeing, "margin_log_p": margin_logp(agreeing, n, len(roles)),
             "frac": float(agree.mean()), "hist": hist.tolist(),
             "method": "lap" if n <= m <= lap_max else "argmax"}
 

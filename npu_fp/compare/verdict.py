@@ -17,9 +17,10 @@ from collections import defaultdict
 
 import numpy as np
 
+from npu_fp.compare.margins import envelope
 from npu_fp.compare.stats import (
     LOG_P_FLOOR,
-    fisher_logp,
+    cauchy_logp,
     layered_logp,
     log10p,
     log_norm_sf,
@@ -50,12 +51,13 @@ NULLS = {
         "agree no more than under a random permutation (Chatterjee's bound; Fisher across "
         "layers, Cauchy within a layer); the residual map is fitted on embeddings only"),
     "matched_units": (
-        "analytic: three unit matchings (gate, up, down; q/o, k/v for heads) fitted "
-        "separately agree like independent permutations (Spearman, variance 1/(n-1)); "
-        "empirical: checked on real within-model and cross-model null pairs (README)"),
+        "empirical margin: FFN units matched separately by gate, up and down agree no more "
+        "often than twice the largest agreement rate seen on real within-model null pairs "
+        "(binomial tail over units, Cauchy over layers; compare/margins.py); the analytic "
+        "Spearman p is reported as analytic_log10_p and fails on real nulls"),
     "expert_units": (
-        "analytic: as matched units, for each expert matched into the other model's FFN unit "
-        "pool; empirical: the same block test checked on real within-model null pairs"),
+        "empirical margin: as matched units, for each expert matched into the other model's "
+        "FFN unit pool; the envelope also covers real pseudo-expert null pairs"),
     "aligned_weights": (
         "none that holds for trained models: the self-normalised z assumes independent "
         "symmetric entries, which shared token semantics and outlier dimensions violate; "
@@ -170,16 +172,17 @@ def families(hashes: list[tuple[str, str]], hash_note: str | None, align: dict |
                            "pairs tested, never decisive"))
     units = [b for lr in layers for b in lr["blocks"] if b["block"] == "mlp" and "z" in b]
     heads = [lr["heads"] for lr in layers if lr.get("heads") and "z" in lr["heads"]]
-    if units or heads:
-        parts = []
-        if units:
-            frac = float(np.mean([b["frac"] for b in units]))
-            parts.append(f"FFN units matched by gate / up / down agree in {len(units)} layers "
-                         f"(mean agreement {frac:.0%})")
+    if units:
+        frac = float(np.mean([b["frac"] for b in units]))
+        text = (f"FFN units matched separately by gate / up / down agree in {len(units)} layers "
+                f"(mean agreement {frac:.0%}, null envelope {envelope(len(units[0]['roles'])):.0%}"
+                f" of units)")
         if heads:
-            parts.append(f"heads matched by q / o (and k / v) compared in {len(heads)} layers")
-        fams.append(_entry("matched_units", 2, _layered(units + heads), len(units + heads), True,
-                           "; ".join(parts), localization=_localize(units + heads)))
+            text += f"; heads matched by q / o and k / v reported in {len(heads)} layers"
+        margin = [{**b, "log_p": b["margin_log_p"]} for b in units]
+        fams.append(_entry("matched_units", 2, cauchy_logp([b["log_p"] for b in margin]),
+                           len(units), True, text, localization=_localize(margin),
+                           analytic_log10_p=round(log10p(_layered(units + heads)), 3)))
     experts = [b for lr in layers for b in lr["blocks"] if b["block"] != "mlp" and "z" in b]
     if experts:
         fams.append(_upcycling(experts))
@@ -216,7 +219,7 @@ def _upcycling(blocks: list[dict]) -> dict:
         per_expert[(b["block"], b["expert"], b["group"])].append(b)
     experts = []
     for (label, e, g), bs in sorted(per_expert.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0)):
-        lp = fisher_logp([b["log_p"] for b in bs])
+        lp = cauchy_logp([b["margin_log_p"] for b in bs])
         experts.append({"block": label, "expert": e, "group": g, "layers": len(bs),
                         "frac": float(np.mean([b["frac"] for b in bs])), "log10_p": log10p(lp)})
     by_group: dict[int, list[dict]] = defaultdict(list)
@@ -228,17 +231,19 @@ def _upcycling(blocks: list[dict]) -> dict:
         if ex["group"] is not None:
             groups[ex["group"]].append(ex)
     group_rows = [{"group": g, "experts": len(xs), "frac": float(np.mean([x["frac"] for x in xs])),
-                   "log10_p": round(log10p(_layered(by_group[g])), 3)}
+                   "log10_p": round(log10p(cauchy_logp(
+                       [b["margin_log_p"] for b in by_group[g]])), 3)}
                   for g, xs in sorted(groups.items())]
     frac = float(np.mean([b["frac"] for b in blocks]))
     direction = blocks[0]["direction"]
     src = "A" if direction == "a->b" else "B"
-    logp = _layered(blocks)
+    logp = cauchy_logp([b["margin_log_p"] for b in blocks])
     return _entry("expert_units", 2, logp, len(blocks), True,
                   f"{len(experts)} experts of {src} matched into the other model's FFN units: "
                   f"{frac:.0%} of expert units agree with one parent unit",
                   direction=direction, experts=experts, groups=group_rows,
-                  localization=_localize([{**b, "role": b["block"]} for b in blocks]))
+                  localization=_localize([{**b, "role": b["block"], "log_p": b["margin_log_p"]}
+                                          for b in blocks]))
 
 
 def decide(fams: list[dict], p_threshold: float, weak_p: float, blocked: str | None,
