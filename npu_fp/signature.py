@@ -101,7 +101,8 @@ def load_signature(path: str | Path) -> Signature:
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
         raise SignatureError(
-            f"{p}: signature schema {str(version)[:20]!r}, but this npu_fp reads schema "
+            f"{p}: signature schema {version if isinstance(version, int) else str(version)[:20]!r}"
+            f", but this npu_fp reads schema "
             f"{SCHEMA_VERSION}; re-run `npu-fp fingerprint` on the model to regenerate it"
         )
     digest = doc.get("sha256")

@@ -116,7 +116,8 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
     try:
         header = loads_json(raw, f"{path}: header")
     except InputError as e:
-        raise CheckpointError(str(e).replace("duplicate key", "duplicate tensor name")) from None
+        detail = str(e).removeprefix(f"{path}: header: ").replace("duplicate key", "duplicate tensor name")
+        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {detail}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header JSON must be an object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None)

@@ -186,7 +186,8 @@ def _weight_map(root: Path, index: Path) -> dict[str, str]:
     try:
         data = load_json_object(member(root, INDEX_NAME, str(root)), INDEX_MAX_BYTES, "index")
     except InputError as e:
-        raise CheckpointError(str(e)) from None
+        detail = str(e).removeprefix(f"{index}: ")
+        raise CheckpointError(f"{index}: invalid index: {detail}") from None
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: invalid index: 'weight_map' must be an object of "
