@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_cli
 from safetensors.torch import save_file
 
 from npu_fp.compare.tensors import read_vocab
@@ -27,8 +28,6 @@ from npu_fp.io.safetensors_header import CheckpointError, read_header
 from npu_fp.io.source import open_model
 from npu_fp.io.validate import InputError, load_json, parse_vocab, read_regular
 from npu_fp.signature import SignatureError, dumps, load_signature
-
-from conftest import REPO, run_cli
 
 CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 1}
 HANG_GUARD_S = 30  # far above any case's real cost; only a hang reaches it
