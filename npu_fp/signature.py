@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from npu_fp.io.atomic import write_text_atomic
-from npu_fp.io.validate import SIGNATURE_MAX_BYTES, InputError, exists, loads_json, read_regular
+from npu_fp.io.validate import (
+    MAX_JSON_NUMBER,
+    SIGNATURE_MAX_BYTES,
+    InputError,
+    exists,
+    loads_json,
+    read_regular,
+)
 
 FORMAT = "npu_fp.signature"
 SCHEMA_VERSION = 1
@@ -128,7 +135,8 @@ def _is_int(v: object) -> bool:
 
 
 def _is_num(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A number whose square and products stay finite (statistics are built from these)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and abs(v) <= MAX_JSON_NUMBER
 
 
 def _need(ok: bool, where: str, what: str) -> None:

@@ -189,7 +189,7 @@ def map_family(
     if unmapped:
         warnings.append(
             f"{family.name}: {len(unmapped)} tensor(s) matched no rule and were kept with role "
-            f"'other': {', '.join(unmapped)}"
+            f"'other': {_few(unmapped)}"
         )
     num_layers = _check_layers(family, mapper.num_layers, roles.values(), warnings)
     num_experts = _check_experts(family, num_experts_in(config), roles.values(), warnings)
@@ -206,6 +206,12 @@ def map_family(
     )
 
 
+def _few(items: list, limit: int = 20) -> str:
+    """A readable list: a warning line stays short whatever the checkpoint holds."""
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
+
+
 def _check_layers(
     family: Family, from_config: int | None, roles: Iterable[TensorRole], warnings: list[str]
 ) -> int:
@@ -218,7 +224,7 @@ def _check_layers(
     if found and missing:
         warnings.append(
             f"{family.name}: config.json says {from_config} layers but no tensor names layer(s) "
-            f"{missing}"
+            f"{_few(missing)}"
         )
     return from_config
 
@@ -240,5 +246,5 @@ def _check_experts(
         )
     if len(found) < from_config:
         missing = sorted(set(range(from_config)) - found)
-        warnings.append(f"{family.name}: no tensor names routed expert(s) {missing}")
+        warnings.append(f"{family.name}: no tensor names routed expert(s) {_few(missing)}")
     return from_config

@@ -17,6 +17,9 @@ from pathlib import Path
 from npu_fp.io.validate import InputError, loads_json, open_regular, os_error, pread_exact
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
+# The largest released checkpoints hold ~150k tensors (384-expert MoE with FP8 scales); every later
+# stage does per-tensor work, so a header claiming far more is refused before that work starts.
+MAX_TENSORS = 500_000
 # safetensors stores usize; torch indexes with int64, so a larger dimension or offset is unusable
 MAX_INT = (1 << 63) - 1
 
@@ -114,7 +117,8 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
     if not raw.startswith(b"{"):
         raise CheckpointError(f"{path}: header does not start with '{{'; not a safetensors file")
     try:
-        header = loads_json(raw, f"{path}: header")
+        # no depth walk: _parse_entry checks every field it reads, and a header holds 1M entries
+        header = loads_json(raw, f"{path}: header", max_depth=None)
     except InputError as e:
         detail = str(e).removeprefix(f"{path}: header: ").replace("duplicate key", "duplicate tensor name")
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {detail}") from None
@@ -125,6 +129,10 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: __metadata__ must be an object mapping strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(
+            f"{path}: {len(header)} tensors in one file; at most {MAX_TENSORS} expected"
+        )
     data_start = 8 + n
     data_len = size - data_start
     refs = []

@@ -12,7 +12,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from npu_fp.io.safetensors_header import CheckpointError, FileHeader, TensorRef, read_header
+from npu_fp.io.safetensors_header import (
+    MAX_TENSORS,
+    CheckpointError,
+    FileHeader,
+    TensorRef,
+    read_header,
+)
 from npu_fp.io.validate import (
     CONFIG_MAX_BYTES,
     INDEX_MAX_BYTES,
@@ -114,8 +120,13 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
     config, config_sha = _read_config(root)
     shard_names = _shard_names(root)
     headers: dict[str, FileHeader] = {}
+    count = 0
     for name in shard_names:
-        headers[name] = read_header(member(root, name, str(root)))
+        headers[name] = h = read_header(member(root, name, str(root)))
+        count += len(h.tensors)
+        if count > MAX_TENSORS:
+            raise CheckpointError(f"{root}: more than {MAX_TENSORS} tensors; at most that many "
+                                  "expected in one checkpoint")
     tensors: dict[str, TensorRef] = {}
     for fname, h in headers.items():
         for ref in h.tensors:
