@@ -129,6 +129,15 @@ def test_header_length_never_printed(tmp_path: Path) -> None:
     assert str(struct.unpack("<Q", secret[:8])[0]) not in str(e.value)
 
 
+def test_million_tensor_header_is_refused_fast(tmp_path: Path) -> None:
+    """~55 MB of header claiming 1M tensors: refused before parsing, with a one-line message."""
+    entry = b'"t":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},'
+    header = b"{" + entry * 1_000_001 + b'"u":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'
+    with pytest.raises(CheckpointError, match="more than 500000 tensors") as e:
+        read_header(raw_st(tmp_path / "x.safetensors", header))
+    assert len(str(e.value)) < 500
+
+
 def test_zero_byte_giant_tensor_is_bounded(tmp_path: Path) -> None:
     """[2**62, 0] holds no bytes: accepted like the reference does, read as one empty block."""
     p = raw_st(tmp_path / "z.safetensors", {"z": {"dtype": "F32", "shape": [1 << 62, 0],

@@ -114,6 +114,12 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
         raise CheckpointError(str(e)) from None
     finally:
         os.close(fd)
+    # fast refusal before the parse (every entry spells this key; an escaped spelling only
+    # defers the refusal to the count after parsing)
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise CheckpointError(
+            f"{path}: more than {MAX_TENSORS} tensors in one file; at most that many expected"
+        )
     if not raw.startswith(b"{"):
         raise CheckpointError(f"{path}: header does not start with '{{'; not a safetensors file")
     try:
