@@ -207,9 +207,13 @@ def map_family(
 
 
 def _few(items: list, limit: int = 20) -> str:
-    """A readable list: a warning line stays short whatever the checkpoint holds."""
-    shown = ", ".join(str(x) for x in items[:limit])
-    return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
+    """Names joined, indices as a list, cut at `limit`: a warning line stays short whatever the
+    checkpoint holds."""
+    more = f" ... ({len(items) - limit} more)" if len(items) > limit else ""
+    head = items[:limit]
+    if head and isinstance(head[0], str):
+        return ", ".join(head) + more
+    return "[" + ", ".join(map(str, head)) + more + "]"
 
 
 def _check_layers(
