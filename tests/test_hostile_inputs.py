@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import struct
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,12 +23,17 @@ import torch
 from conftest import REPO, run_cli
 from safetensors.torch import save_file
 
+from npu_fp import zoo
+from npu_fp.arch.base import TensorRole
 from npu_fp.compare.tensors import read_vocab
+from npu_fp.device import resolve_device
 from npu_fp.io.reader import FileCache, RowReader, row_blocks
 from npu_fp.io.safetensors_header import CheckpointError, read_header
 from npu_fp.io.source import open_model
 from npu_fp.io.validate import InputError, load_json, parse_vocab, read_regular
 from npu_fp.signature import SignatureError, dumps, load_signature
+from npu_fp.stats.aggregate import TensorStats, tensor_row
+from npu_fp.stats.kernel import MomentKernel
 
 CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 1}
 HANG_GUARD_S = 30  # far above any case's real cost; only a hang reaches it
@@ -158,6 +164,18 @@ def test_u64_values_read_without_overflow(tmp_path: Path) -> None:
         r = RowReader(files)
         x = r.widen(ref, r.read(ref, 0, 4), 0)
     assert x.flatten().tolist() == [0.0, 1.0, float(2**64 - 1), float(2**63)]
+
+
+@pytest.mark.parametrize("scale", [1e80, 1e155])
+def test_f64_values_overflowing_moments_are_named(tmp_path: Path, scale: float) -> None:
+    x = torch.randn(16, 4, dtype=torch.float64) * scale
+    d = model(tmp_path, {"w": x})
+    ref = open_model(d).tensors["w"]
+    ts = TensorStats(ref, TensorRole("w", "other"), None, "other",
+                     MomentKernel(resolve_device("cpu"), 1 << 16).moments(x), None)
+    with pytest.raises(CheckpointError, match="overflow float64 moments") as e:
+        tensor_row(ts)
+    assert "'w'" in str(e.value) and "model.safetensors" in str(e.value)
 
 
 def test_file_shrunk_under_the_window_is_named(tmp_path: Path) -> None:
@@ -311,8 +329,6 @@ def test_tokenizer_fifo_is_named_error(tmp_path: Path) -> None:
 
 
 def test_good_tokenizer_still_parses(tmp_path: Path) -> None:
-    from npu_fp import zoo
-
     d = model(tmp_path)
     (d / "tokenizer.json").write_text(zoo.tokenizer_json(50))
     vocab, note = read_vocab(d)
@@ -400,6 +416,8 @@ CLI_CASES: dict[str, Callable[[Path], Path]] = {
     "architectures int": lambda t: model(t, config={**CONFIG, "architectures": 5}),
     "deep config": lambda t: model(t, config='{"a":' + "[" * 100_000 + "]" * 100_000 + "}"),
     "bool shape": lambda t: _bool_shape(t),
+    "F64 1e155": lambda t: model(t, {"model.embed_tokens.weight": 1e155 * torch.randn(
+        8, 4, dtype=torch.float64), "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4)}),
 }
 
 
@@ -502,8 +520,6 @@ def test_launcher_from_hostile_folder_runs_nothing_from_it(tmp_path: Path) -> No
     env = {"EVIL_MARK": str(mark), "NPROC": "1", "RUN_DIR": str(tmp_path / "o"),
            "PYTHON": sys.executable,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    import subprocess
-
     r = subprocess.run([str(REPO / "launch" / "run.sh"), "fingerprint", "model.path=.",
                         "device=cpu"], cwd=d, env={**os.environ, **env}, capture_output=True,
                        text=True, timeout=240)
