@@ -24,7 +24,9 @@ from npu_fp.io.source import open_model
 from npu_fp.io.validate import InputError, check_config, loads_json, parse_vocab
 from npu_fp.signature import dumps, load_signature
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# no example database: runs leave nothing behind in the work tree
+FUZZ = settings(max_examples=60, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 # JSON values, including the types a hostile file would use in the wrong place
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),

@@ -451,6 +451,29 @@ def test_cli_case_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
     assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
 
 
+COMPARE_CASES: dict[str, Callable[[Path, Path], None]] = {
+    "fifo signature": lambda t, p: (fifo(p), None)[1],
+    "forged layer count": lambda t, p: p.write_text(dumps(_edit(_signature(t), "identity.num_layers",
+                                                                10**9))),
+    "NaN inside": lambda t, p: p.write_text(dumps(_signature(t)).replace('"std": 1.0', '"std": NaN')),
+    "deep nesting": lambda t, p: p.write_text("[" * 100_000 + "]" * 100_000),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(COMPARE_CASES))
+def test_cli_compare_case_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(dumps(_signature(tmp_path)))
+    COMPARE_CASES[case](tmp_path, bad)
+    out = tmp_path / "out"
+    r = run_cli(["-m", "npu_fp", "compare", f"signatures=[{good},{bad}]", f"hydra.run.dir={out}",
+                 "device=cpu"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "npu-fp: error:" in r.stderr and "bad.json" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "report.json").exists()
+
+
 @pytest.mark.slow
 def test_cli_run_dir_is_a_file(tmp_path: Path) -> None:
     d = model(tmp_path)
