@@ -254,11 +254,11 @@ def contained(path: str | os.PathLike[str], roots: tuple[Path, ...], where: str)
 # --- config.json ------------------------------------------------------------------------------
 
 # Counts of things the checkpoint must store at least one tensor for: bounded by the tensor count.
+# Only keys npu_fp reads: others (moe_layer_freq, ...) may legitimately be lists in some families.
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_experts", "num_local_experts",
               "n_routed_experts", "moe_num_experts", "n_shared_experts", "num_shared_experts",
-              "num_nextn_predict_layers", "num_mtp_layers", "num_groups", "n_group",
-              "experts_per_group", "num_experts_per_tok", "first_k_dense_replace",
-              "moe_layer_freq", "decoder_sparse_step")
+              "num_nextn_predict_layers", "num_mtp_layers", "num_groups", "num_expert_groups",
+              "n_group", "experts_per_group", "num_experts_per_tok")
 # Sizes of some tensor dimension: bounded by the largest dimension stored.
 SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head",
              "num_key_value_heads", "multi_query_group_num", "head_dim", "intermediate_size",
