@@ -4,14 +4,22 @@ The command word (fingerprint | compare | activations) becomes the `command=` ov
 composes the config, which is converted once to dataclasses and handed to plain functions.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: it is a real import, resolved before the
+# working directory is dropped from sys.path
 import os
+import sys
+
+if __name__ == "__main__":
+    # `python -m npu_fp` (and `torchrun -m npu_fp`) put the working directory first on sys.path:
+    # run from inside a downloaded model folder, its `hydra_plugins/` or a file shadowing a module
+    # we import would execute. Drop it before importing anything else.
+    _cwd = os.path.realpath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != _cwd]
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # before torch: see device.py
 
+import errno  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
@@ -61,6 +69,35 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ValueError as e:  # user errors: named, actionable, no traceback, non-zero exit
         print(f"npu-fp: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        # the machine, not the code: a full disk or a read-only / forbidden output folder
+        where = e.filename or HydraConfig.get().runtime.output_dir
+        print(f"npu-fp: error: {where}: {os.strerror(e.errno)}", file=sys.stderr)
+        sys.exit(2)
+
+
+# OSErrors that describe the environment (what a user fixes), not a bug: reported without traceback
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                                errno.EFBIG, errno.EMFILE, errno.ENFILE})
+
+
+def check_run_dir(argv: list[str]) -> str | None:
+    """Why `hydra.run.dir=...` cannot be a run directory (Hydra itself would fail in makedirs
+    with a traceback), or None."""
+    for a in argv:
+        if a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")):
+            p = Path(a.split("=", 1)[1]).expanduser()
+            for q in (p, *p.parents):
+                if os.path.lexists(q):
+                    if not q.is_dir():
+                        return f"{a.split('=', 1)[0]}={p}: {q} exists and is not a directory"
+                    if not os.access(q, os.W_OK | os.X_OK):
+                        return f"{a.split('=', 1)[0]}={p}: {q} is not writable"
+                    break
+    return None
 
 
 # Hydra flags followed by a value (which is not a command word)
@@ -90,6 +127,10 @@ def cli() -> None:
     if os.environ.get("RANK", "0") != "0":
         # only rank 0 records Hydra's config in the shared run directory
         extra.append("hydra.output_subdir=null")
+    why = check_run_dir([*argv, *extra])
+    if why:
+        print(f"npu-fp: error: {why}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [sys.argv[0], *argv, *extra]
     _hydra_main()
 

@@ -25,6 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from npu_fp.io.atomic import write_text_atomic
+from npu_fp.io.validate import (
+    MAX_JSON_NUMBER,
+    SIGNATURE_MAX_BYTES,
+    InputError,
+    exists,
+    loads_json,
+    read_regular,
+)
 
 FORMAT = "npu_fp.signature"
 SCHEMA_VERSION = 1
@@ -34,7 +42,7 @@ CSV_COLUMNS = (
 )
 
 
-class SignatureError(ValueError):
+class SignatureError(InputError):
     """A signature file is corrupted, of another schema, or not a signature."""
 
 
@@ -89,19 +97,20 @@ def load_signature(path: str | Path) -> Signature:
     p = Path(path)
     if p.is_dir():
         p = p / "signature.json"
+    if not exists(p):
+        raise SignatureError(f"{p}: no signature file here")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise SignatureError(f"{p}: no signature file here") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SignatureError(f"{p}: corrupted signature (not valid JSON: {e})") from e
+        doc = loads_json(read_regular(p, SIGNATURE_MAX_BYTES, "signature"), str(p))
+    except InputError as e:
+        raise SignatureError(f"corrupted or unreadable signature: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SignatureError(f"{p}: not an npu_fp signature (format field missing or different)")
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
         raise SignatureError(
-            f"{p}: signature schema {version!r}, but this npu_fp reads schema {SCHEMA_VERSION}; "
-            "re-run `npu-fp fingerprint` on the model to regenerate it"
+            f"{p}: signature schema {version if isinstance(version, int) else str(version)[:20]!r}"
+            f", but this npu_fp reads schema "
+            f"{SCHEMA_VERSION}; re-run `npu-fp fingerprint` on the model to regenerate it"
         )
     digest = doc.get("sha256")
     body = {k: v for k, v in doc.items() if k != "sha256"}
@@ -109,7 +118,80 @@ def load_signature(path: str | Path) -> Signature:
         raise SignatureError(
             f"{p}: corrupted signature: content does not match its sha256 (edited or truncated)"
         )
+    # the digest proves integrity, not authorship: anyone can reseal an edited file, so the
+    # fields compare relies on are checked as carefully as any other input
+    check_schema(doc, str(p))
     return Signature(doc, str(p))
+
+
+ROW_INDICES = frozenset({"layer", "expert", "group"})
+ROW_NUMBERS = frozenset({"numel", "mean", "std", "rms", "absmax", "max",
+                         "min", "l2", "kurtosis", "skew", "nan", "inf", "norm_offset"})
+ROW_STRINGS = frozenset({"name", "role", "part", "kind", "dtype", "hash"})
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    """A number whose square and products stay finite (statistics are built from these)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and abs(v) <= MAX_JSON_NUMBER
+
+
+def _need(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise SignatureError(f"{where}: invalid signature: {what}")
+
+
+def check_schema(doc: dict, where: str) -> None:
+    """Types and bounds of every field a comparison reads (schema 1)."""
+    ident = doc.get("identity")
+    _need(isinstance(ident, dict), where, "'identity' must be an object")
+    tensors, layers = doc.get("tensors"), doc.get("layers")
+    _need(isinstance(tensors, list) and all(isinstance(r, dict) for r in tensors), where,
+          "'tensors' must be a list of objects")
+    _need(isinstance(layers, list) and all(isinstance(r, dict) for r in layers), where,
+          "'layers' must be a list of objects")
+    _need(isinstance(ident.get("name"), str), where, "identity.name must be a string")
+    _need(ident.get("path") is None or isinstance(ident["path"], str), where,
+          "identity.path must be a string")
+    # every layer and every expert has at least one tensor row: counts beyond that are forged,
+    # and profiles allocate one slot per layer
+    for key in ("num_layers", "num_experts", "experts_per_group"):
+        v = ident.get(key)
+        _need(_is_int(v) and 0 <= v <= len(tensors), where,
+              f"identity.{key} must be an integer from 0 to {len(tensors)} (the tensor rows), "
+              f"got {str(v)[:40]}")
+    files = ident.get("files")
+    _need(isinstance(files, list) and all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) and _is_int(f.get("size"))
+        and f["size"] >= 0 and isinstance(f.get("header_sha256"), str) for f in files),
+        where, "identity.files must list {name, size, header_sha256}")
+    for i, r in enumerate(tensors):
+        _need(isinstance(r.get("name"), str), where, f"tensors[{i}].name must be a string")
+        for k, v in r.items():
+            if k in ROW_INDICES:
+                _need(v is None or (_is_int(v) and v >= 0), where,
+                      f"tensors[{i}].{k} must be a non-negative integer or null")
+            elif k in ROW_NUMBERS:
+                _need(v is None or _is_num(v), where, f"tensors[{i}].{k} must be a number or null")
+            elif k in ROW_STRINGS:
+                _need(v is None or isinstance(v, str), where, f"tensors[{i}].{k} must be a string")
+            elif k == "shape":
+                _need(isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v), where,
+                      f"tensors[{i}].shape must be a list of non-negative integers")
+    for i, r in enumerate(layers):
+        _need(isinstance(r.get("role"), str), where, f"layers[{i}].role must be a string")
+        _need(_is_int(r.get("layer")) and r["layer"] >= 0, where,
+              f"layers[{i}].layer must be a non-negative integer")
+        _need(r.get("group") is None or (_is_int(r["group"]) and r["group"] >= 0), where,
+              f"layers[{i}].group must be a non-negative integer or null")
+        for k, v in r.items():
+            _need(k == "role" or v is None or _is_num(v), where,
+                  f"layers[{i}].{k} must be a number or null")
+    for key in ("settings", "activations"):
+        _need(doc.get(key) is None or isinstance(doc[key], dict), where, f"'{key}' must be an object")
 
 
 def rows_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

@@ -189,7 +189,7 @@ def map_family(
     if unmapped:
         warnings.append(
             f"{family.name}: {len(unmapped)} tensor(s) matched no rule and were kept with role "
-            f"'other': {', '.join(unmapped)}"
+            f"'other': {_few(unmapped)}"
         )
     num_layers = _check_layers(family, mapper.num_layers, roles.values(), warnings)
     num_experts = _check_experts(family, num_experts_in(config), roles.values(), warnings)
@@ -206,6 +206,16 @@ def map_family(
     )
 
 
+def _few(items: list, limit: int = 20) -> str:
+    """Names joined, indices as a list, cut at `limit`: a warning line stays short whatever the
+    checkpoint holds."""
+    more = f" ... ({len(items) - limit} more)" if len(items) > limit else ""
+    head = items[:limit]
+    if head and isinstance(head[0], str):
+        return ", ".join(head) + more
+    return "[" + ", ".join(map(str, head)) + more + "]"
+
+
 def _check_layers(
     family: Family, from_config: int | None, roles: Iterable[TensorRole], warnings: list[str]
 ) -> int:
@@ -218,7 +228,7 @@ def _check_layers(
     if found and missing:
         warnings.append(
             f"{family.name}: config.json says {from_config} layers but no tensor names layer(s) "
-            f"{missing}"
+            f"{_few(missing)}"
         )
     return from_config
 
@@ -240,5 +250,5 @@ def _check_experts(
         )
     if len(found) < from_config:
         missing = sorted(set(range(from_config)) - found)
-        warnings.append(f"{family.name}: no tensor names routed expert(s) {missing}")
+        warnings.append(f"{family.name}: no tensor names routed expert(s) {_few(missing)}")
     return from_config

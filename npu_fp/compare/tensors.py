@@ -7,7 +7,6 @@ read returns one tensor (or one fused part, or selected rows of the embedding) a
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,17 @@ import torch
 
 from npu_fp.arch import map_roles
 from npu_fp.arch.base import PartSpec, RoleMap
-from npu_fp.io.reader import FileCache, RowReader, scale_for
-from npu_fp.io.safetensors_header import TensorRef
-from npu_fp.io.source import ModelSource, open_model
+from npu_fp.io.reader import FileCache, RowReader, row_blocks, scale_for
+from npu_fp.io.safetensors_header import CheckpointError, TensorRef
+from npu_fp.io.source import ModelSource, member, open_model
+from npu_fp.io.validate import (
+    TOKENIZER_MAX_BYTES,
+    InputError,
+    exists,
+    loads_json,
+    parse_vocab,
+    read_regular,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +128,7 @@ class ModelView:
         block = max(1, READ_BUFFER // max(ref.nbytes // max(ref.rows, 1), 1))
         sorted_ids = want[order]
         start = 0
-        for r0 in range(0, ref.rows, block):
-            r1 = min(ref.rows, r0 + block)
+        for r0, r1 in row_blocks(ref, 0, ref.rows, block):
             stop = int(torch.searchsorted(sorted_ids, r1))
             if stop > start:
                 rows = self._rows(ref, r0, r1)
@@ -150,33 +156,22 @@ def build_index(rolemap: RoleMap) -> dict[Key, tuple[str, PartSpec | None]]:
 
 
 def read_vocab(root: str | Path) -> tuple[dict[str, int] | None, str]:
-    """Token string -> id from tokenizer.json (any model type) or vocab.json; (None, why) if absent."""
+    """Token string -> id from tokenizer.json (any model type) or vocab.json; (None, why) if absent
+    or unusable. A tokenizer file that is not a regular file inside the model folder is an error."""
     root = Path(root)
-    tok = root / "tokenizer.json"
-    if tok.is_file():
-        try:
-            doc = json.loads(tok.read_text(encoding="utf-8"))
-            model = doc.get("model") or {}
-            raw = model.get("vocab")
-            vocab: dict[str, int] = {}
-            if isinstance(raw, dict):
-                vocab = {str(k): int(v) for k, v in raw.items()}
-            elif isinstance(raw, list):  # Unigram: [[piece, score], ...], id = position
-                vocab = {str(item[0]): i for i, item in enumerate(raw)}
-            for added in doc.get("added_tokens") or []:
-                vocab[str(added["content"])] = int(added["id"])
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            return None, f"{tok}: unreadable tokenizer ({e})"
-        if vocab:
-            return vocab, f"{tok.name}: {len(vocab)} tokens"
-        return None, f"{tok}: no vocabulary inside"
-    vj = root / "vocab.json"
-    if vj.is_file():
-        try:
-            raw = json.loads(vj.read_text(encoding="utf-8"))
-            return {str(k): int(v) for k, v in raw.items()}, f"vocab.json: {len(raw)} tokens"
-        except (OSError, ValueError, AttributeError, TypeError) as e:
-            return None, f"{vj}: unreadable vocabulary ({e})"
+    for name in ("tokenizer.json", "vocab.json"):
+        if not exists(root / name):
+            continue
+        path = member(root, name, str(root))
+        try:  # a FIFO, an unreadable or an oversized file stops the job with a named error
+            raw = read_regular(path, TOKENIZER_MAX_BYTES, name)
+        except InputError as e:
+            raise CheckpointError(str(e)) from None
+        try:  # bad content only costs the embedding-aligned tests, with the reason reported
+            doc = loads_json(raw, str(path))
+        except InputError as e:
+            return None, f"unreadable {name} ({e})"
+        return parse_vocab(doc, str(path), name)
     return None, f"{root}: no tokenizer.json or vocab.json"
 
 

@@ -13,14 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 
 from npu_fp.forward.errors import CorpusError, TokenizerError, TokenizerMissingError
+from npu_fp.io.validate import (
+    TOKENIZER_MAX_BYTES,
+    InputError,
+    check_regular,
+    contained,
+    exists,
+    model_roots,
+    open_regular,
+    read_regular,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -54,12 +65,16 @@ def load_tokenizer(model_root: str | Path) -> Tokenizer:
     from tokenizers import Tokenizer
 
     path = Path(model_root) / "tokenizer.json"
-    if not path.is_file():
+    if not exists(path):
         raise TokenizerMissingError(
             f"{path}: missing; the activation step tokenizes its corpus with the checkpoint's own "
             "tokenizer.json (Hugging Face `tokenizers` format). Copy it into the model folder or "
             "set activations.enabled=false"
         )
+    try:  # a FIFO would block the Rust reader; a symlink must not lead out of the folder
+        check_regular(contained(path, model_roots(model_root), str(model_root)), "tokenizer.json")
+    except InputError as e:
+        raise TokenizerError(str(e)) from None
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
@@ -111,11 +126,18 @@ def _decode(raw: bytes, path: Path, offset: int) -> str:
         ) from e
 
 
+def _open_corpus(path: Path) -> BinaryIO:
+    try:
+        return os.fdopen(open_regular(path, "corpus file"), "rb")
+    except InputError as e:
+        raise CorpusError(str(e)) from None
+
+
 def _text_chunks(path: Path) -> Iterator[str]:
     """The file in ~1 MiB pieces cut after a newline (a newline byte never splits a UTF-8 char)."""
     offset = 0
     pending = b""
-    with open(path, "rb") as f:
+    with _open_corpus(path) as f:
         while True:
             block = f.read(TEXT_CHUNK_BYTES)
             data = pending + block
@@ -134,17 +156,19 @@ def _text_chunks(path: Path) -> Iterator[str]:
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
     offset = 0
-    with open(path, "rb") as f:
+    with _open_corpus(path) as f:
         for lineno, raw in enumerate(f, start=1):
             line = _decode(raw, path, offset).strip()
             offset += len(raw)
             if not line:
                 continue
-            try:
+            try:  # plain json: corpora carry NaN and big numbers in fields we never read
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one object "
                                   'with a "text" string per line') from e
+            except RecursionError as e:
+                raise CorpusError(f"{path}:{lineno}: JSON nested too deeply") from e
             if isinstance(obj, dict) and isinstance(obj.get("text"), str):
                 yield obj["text"]
             elif isinstance(obj, str):
@@ -195,7 +219,8 @@ def make_batches(
 ) -> TokenBatches:
     """Tokenize the corpus with the checkpoint's tokenizer and cut it into seeded batches."""
     tokenizer = load_tokenizer(model_root)
-    tok_sha = hashlib.sha256((Path(model_root) / "tokenizer.json").read_bytes()).hexdigest()
+    tok_bytes = read_regular(Path(model_root) / "tokenizer.json", TOKENIZER_MAX_BYTES, "tokenizer.json")
+    tok_sha = hashlib.sha256(tok_bytes).hexdigest()
     need = num_batches * batch_size
     stream, description, corpus_sha = tokenize_corpus(
         tokenizer, corpus, CORPUS_TOKEN_FACTOR * need * seq_len

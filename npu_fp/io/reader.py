@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
+from npu_fp.io.validate import InputError, open_regular
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -58,9 +59,9 @@ class FileCache:
         fd = self._fds.get(path)
         if fd is None:
             try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot open: {e}") from e
+                fd = open_regular(path, "safetensors file")
+            except InputError as e:
+                raise CheckpointError(str(e)) from None
             self._fds[path] = fd
         return fd
 
@@ -82,7 +83,10 @@ def read_bytes_into(files: FileCache, ref: TensorRef, begin: int, out: torch.Ten
     fd = files.fd(ref.file)
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], begin + done)
+        try:
+            n = os.preadv(fd, [view[done:]], begin + done)
+        except OSError as e:
+            raise CheckpointError(f"{ref.file}: tensor {ref.name!r}: cannot read: {e.strerror}") from e
         if n <= 0:
             raise CheckpointError(
                 f"{ref.file}: tensor {ref.name!r}: file ended at byte {begin + done}, "
@@ -92,6 +96,10 @@ def read_bytes_into(files: FileCache, ref: TensorRef, begin: int, out: torch.Ten
 
 
 def row_blocks(ref: TensorRef, row_begin: int, row_end: int, block_rows: int) -> Iterator[tuple[int, int]]:
+    if ref.nbytes == 0:  # [2**62, 0]: one empty block, never a loop over rows that hold nothing
+        if row_end > row_begin:
+            yield row_begin, row_end
+        return
     r = row_begin
     while r < row_end:
         stop = min(row_end, r + block_rows)
@@ -132,8 +140,18 @@ class RowReader:
             return torch.empty(row_end - row_begin, ref.cols, dtype=dtype)
         start = ref.begin + row_begin * row_bytes
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        fd = self.files.fd(ref.file)
+        # touching a mapped page past the end of the file raises SIGBUS, which kills the process:
+        # check the file still holds the window before mapping it (a shrink during the read
+        # itself remains a race no user-space check closes)
+        size = os.fstat(fd).st_size
+        if size < start + n:
+            raise CheckpointError(
+                f"{ref.file}: tensor {ref.name!r}: the file is now {size} bytes but the tensor "
+                f"needs bytes up to {start + n}; it shrank or was replaced while being read"
+            )
         try:
-            self._mm = mmap.mmap(self.files.fd(ref.file), n + start - aligned,
+            self._mm = mmap.mmap(fd, n + start - aligned,
                                  flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                                  offset=aligned)
         except (OSError, ValueError) as e:
@@ -162,7 +180,8 @@ class RowReader:
         buffer, the cheapest place); integers become float64.
         """
         if ref.dtype in UNSIGNED_AS:
-            wrap = UNSIGNED_AS[ref.dtype][1]
+            # a float offset: the int 2**64 does not fit the int64 scalar torch would make of it
+            wrap = float(UNSIGNED_AS[ref.dtype][1])
             x = x.to(torch.float64)
             return torch.where(x < 0, x + wrap, x)
         if ref.dtype in FP8_DTYPES:

@@ -8,14 +8,20 @@ overlaps, and `end - begin` equals the element count times the dtype width. Ever
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_HEADER_BYTES = 100_000_000
+from npu_fp.io.validate import InputError, loads_json, open_regular, os_error, pread_exact
+
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
+# The largest released checkpoints hold ~150k tensors (384-expert MoE with FP8 scales); every later
+# stage does per-tensor work, so a header claiming far more is refused before that work starts.
+MAX_TENSORS = 500_000
+# safetensors stores usize; torch indexes with int64, so a larger dimension or offset is unusable
+MAX_INT = (1 << 63) - 1
 
 # bits per element for every dtype string safetensors defines
 DTYPE_BITS: dict[str, int] = {
@@ -26,7 +32,7 @@ DTYPE_BITS: dict[str, int] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file or folder is not what it claims to be. The message names file and tensor."""
 
 
@@ -70,42 +76,69 @@ class FileHeader:
 
 
 def read_header(path: str | os.PathLike[str]) -> FileHeader:
-    """Parse and validate one safetensors file's header."""
+    """Parse and validate one safetensors file's header with the reference implementation's rules.
+
+    Offsets and shapes are unsigned integers (booleans and floats refused), `__metadata__` maps
+    strings to strings, the header starts with `{`, tensors tile the data region in offset order
+    with no hole, overlap or trailing byte, and each byte length equals its element count times
+    the dtype width (sub-byte counts must fill whole bytes). Work is linear in the header size.
+    """
     path = str(Path(path).absolute())
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{path}: truncated safetensors file ({size} bytes; at least 8 expected for "
-                    "the header length)"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(
-                    f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit; "
-                    "not a safetensors file or corrupted"
-                )
-            if 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: header length {n} runs past the end of the file ({size} bytes); "
-                    "the file is truncated or not safetensors"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from e
+        fd = open_regular(path, "safetensors file")
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {e}") from e
-    except _DuplicateKey as e:
-        raise CheckpointError(f"{path}: duplicate tensor name {e.args[0]!r} in the header") from e
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file ({size} bytes; at least 8 expected for "
+                "the header length)"
+            )
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > MAX_HEADER_BYTES:
+            # the length itself is never printed: it is the file's first 8 bytes
+            raise CheckpointError(
+                f"{path}: the header length (first 8 bytes) exceeds the {MAX_HEADER_BYTES}-byte "
+                "limit; not a safetensors file or corrupted"
+            )
+        if 8 + n > size:
+            raise CheckpointError(
+                f"{path}: the header length (first 8 bytes) runs past the end of the file "
+                f"({size} bytes); the file is truncated or not safetensors"
+            )
+        raw = pread_exact(fd, n, 8, path, "safetensors header")
+    except OSError as e:
+        raise CheckpointError(str(os_error(path, "read", e))) from e
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+    finally:
+        os.close(fd)
+    # fast refusal before the parse (every entry spells this key; an escaped spelling only
+    # defers the refusal to the count after parsing)
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise CheckpointError(
+            f"{path}: more than {MAX_TENSORS} tensors in one file; at most that many expected"
+        )
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{path}: header does not start with '{{'; not a safetensors file")
+    try:
+        # no depth walk: _parse_entry checks every field it reads, and a header holds 1M entries
+        header = loads_json(raw, f"{path}: header", max_depth=None)
+    except InputError as e:
+        detail = str(e).removeprefix(f"{path}: header: ").replace("duplicate key", "duplicate tensor name")
+        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {detail}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header JSON must be an object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must be an object mapping strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(
+            f"{path}: {len(header)} tensors in one file; at most {MAX_TENSORS} expected"
+        )
     data_start = 8 + n
     data_len = size - data_start
     refs = []
@@ -119,63 +152,59 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
                 f"{path}: tensor {r.name!r} at data offsets "
                 f"[{r.begin - data_start}, {r.end - data_start}) overlaps the previous tensor"
             )
-        if r.begin > cursor and r.nbytes > 0:
+        if r.begin > cursor:
             raise CheckpointError(
                 f"{path}: tensor {r.name!r} leaves a hole before data offset {r.begin - data_start}"
             )
-        cursor = max(cursor, r.end)
+        cursor = r.end
     if cursor != size:
         raise CheckpointError(
             f"{path}: tensors cover {cursor - data_start} data bytes but the file holds {data_len}; "
             "the file is truncated or has trailing bytes"
         )
-    return FileHeader(path, size, n, {str(k): str(v) for k, v in metadata.items()}, tuple(refs), raw)
+    return FileHeader(path, size, n, dict(metadata), tuple(refs), raw)
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
+def _uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT
 
 
 def _parse_entry(path: str, name: str, entry: object, data_start: int, data_len: int) -> TensorRef:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor {name!r}: header entry must be an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise CheckpointError(
-            f"{path}: tensor {name!r}: unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BITS)}"
+            f"{path}: tensor {name!r}: unknown dtype {str(dtype)[:40]!r}; expected one of "
+            f"{sorted(DTYPE_BITS)}"
         )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor {name!r}: shape must be a list of non-negative ints")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-    ):
-        raise CheckpointError(f"{path}: tensor {name!r}: data_offsets must be [begin, end]")
+    if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: shape must be a list of unsigned integers below 2**63"
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_uint(o) for o in offsets):
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: data_offsets must be [begin, end], unsigned integers"
+        )
     begin, end = offsets
-    if 0 <= begin <= end and end > data_len:
-        raise CheckpointError(
-            f"{path}: tensor {name!r}: data_offsets [{begin}, {end}) out of range: the data "
-            f"region holds only {data_len} bytes (file truncated?)"
-        )
-    if not 0 <= begin <= end <= data_len:
+    if not begin <= end <= data_len:
         raise CheckpointError(
             f"{path}: tensor {name!r}: data_offsets [{begin}, {end}) out of range; the data region "
-            f"holds {data_len} bytes"
+            f"holds {data_len} bytes (file truncated?)"
         )
-    expected = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
-    if end - begin != expected:
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > MAX_INT:  # the reference uses checked multiplication: overflow is an error
+            raise CheckpointError(f"{path}: tensor {name!r}: shape {shape} overflows the element count")
+    bits = numel * DTYPE_BITS[dtype]
+    if bits % 8:
         raise CheckpointError(
-            f"{path}: tensor {name!r}: {dtype} shape {shape} needs {expected} bytes but "
+            f"{path}: tensor {name!r}: {dtype} shape {shape} is {bits} bits, not whole bytes"
+        )
+    if end - begin != bits // 8:
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: {dtype} shape {shape} needs {bits // 8} bytes but "
             f"data_offsets span {end - begin}"
         )
     return TensorRef(name, path, dtype, tuple(shape), data_start + begin, data_start + end)

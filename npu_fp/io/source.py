@@ -7,13 +7,32 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from npu_fp.io.safetensors_header import CheckpointError, FileHeader, TensorRef, read_header
+from npu_fp.io.safetensors_header import (
+    MAX_TENSORS,
+    CheckpointError,
+    FileHeader,
+    TensorRef,
+    read_header,
+)
+from npu_fp.io.validate import (
+    CONFIG_MAX_BYTES,
+    INDEX_MAX_BYTES,
+    SMALL_MAX_BYTES,
+    InputError,
+    check_config,
+    contained,
+    exists,
+    is_regular,
+    load_json_object,
+    loads_json,
+    model_roots,
+    read_regular,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +68,20 @@ class ModelSource:
 def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     """A model folder, or the snapshot a Hugging Face cache folder points at."""
     p = Path(path).expanduser()
-    if not p.exists():
+    if not exists(p):
         raise CheckpointError(f"{p}: model path does not exist")
-    if p.is_file():
-        if p.suffix == ".safetensors":
+    if not p.is_dir():
+        if p.suffix == ".safetensors" and is_regular(p):
             return p.parent.resolve()
         raise CheckpointError(f"{p}: expected a model folder or a .safetensors file")
     snapshots = p / "snapshots"
     if snapshots.is_dir() and not any(p.glob("*.safetensors")):
         ref_main = p / "refs" / "main"
-        if ref_main.is_file():
-            rev = ref_main.read_text().strip()
+        if exists(ref_main):
+            rev = _read_small(ref_main).strip()
+            # a revision is one folder name: anything else would point outside snapshots/
+            if not rev or "/" in rev or "\\" in rev or rev in (".", ".."):
+                raise CheckpointError(f"{ref_main}: expected a snapshot revision, got {rev[:80]!r}")
             if (snapshots / rev).is_dir():
                 return (snapshots / rev).absolute()
         revs = sorted(d for d in snapshots.iterdir() if d.is_dir())
@@ -75,13 +97,36 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     return p.absolute()
 
 
+def _read_small(path: Path) -> str:
+    try:
+        return read_regular(path, SMALL_MAX_BYTES, "file").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text") from e
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def member(root: Path, name: str, where: str) -> Path:
+    """`root / name` after checking that it resolves inside the model folder or its cache repo."""
+    try:
+        contained(root / name, model_roots(root), where)
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+    return root / name
+
+
 def open_model(path: str | os.PathLike[str]) -> ModelSource:
     root = resolve_model_dir(path)
     config, config_sha = _read_config(root)
     shard_names = _shard_names(root)
     headers: dict[str, FileHeader] = {}
+    count = 0
     for name in shard_names:
-        headers[name] = read_header(root / name)
+        headers[name] = h = read_header(member(root, name, str(root)))
+        count += len(h.tensors)
+        if count > MAX_TENSORS:
+            raise CheckpointError(f"{root}: more than {MAX_TENSORS} tensors; at most that many "
+                                  "expected in one checkpoint")
     tensors: dict[str, TensorRef] = {}
     for fname, h in headers.items():
         for ref in h.tensors:
@@ -92,10 +137,14 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
                 )
             tensors[ref.name] = ref
     index = root / INDEX_NAME
-    if index.is_file():
+    if exists(index):
         _check_index_agrees(root, index, tensors)
     if not tensors:
         raise CheckpointError(f"{root}: the checkpoint holds no tensors")
+    try:
+        check_config(config, str(root / "config.json"), (r.shape for r in tensors.values()))
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     files = tuple(
         FileInfo(name, h.size, hashlib.sha256(h.header_bytes).hexdigest())
         for name, h in headers.items()
@@ -113,18 +162,23 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
 
 def _read_config(root: Path) -> tuple[dict, str]:
     cfg_path = root / "config.json"
-    if not cfg_path.is_file():
+    if not exists(cfg_path):
         raise CheckpointError(
             f"{cfg_path}: missing; config.json tells the architecture and is required"
         )
-    raw = cfg_path.read_bytes()
     try:
-        config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path}: must hold a JSON object")
+        raw = read_regular(member(root, "config.json", str(root)), CONFIG_MAX_BYTES, "config.json")
+        config = load_json_object_bytes(raw, cfg_path)
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     return config, hashlib.sha256(raw).hexdigest()
+
+
+def load_json_object_bytes(raw: bytes, path: Path) -> dict:
+    doc = loads_json(raw, str(path))
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def _safe_member(root: Path, name: object, what: str) -> str:
@@ -134,28 +188,35 @@ def _safe_member(root: Path, name: object, what: str) -> str:
     p = Path(name)
     if p.is_absolute() or ".." in p.parts:
         raise CheckpointError(
-            f"{root / INDEX_NAME}: {what} names {name!r}, a path outside the model folder"
+            f"{root / INDEX_NAME}: {what} names {name[:200]!r}, a path outside the model folder"
         )
     return p.as_posix()
 
 
+def _weight_map(root: Path, index: Path) -> dict[str, str]:
+    try:
+        data = load_json_object(member(root, INDEX_NAME, str(root)), INDEX_MAX_BYTES, "index")
+    except InputError as e:
+        detail = str(e).removeprefix(f"{index}: ")
+        raise CheckpointError(f"{index}: invalid index: {detail}") from None
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: invalid index: 'weight_map' must be an object of "
+                              "tensor name -> shard file name")
+    return weight_map
+
+
 def _shard_names(root: Path) -> list[str]:
     index = root / INDEX_NAME
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: invalid index: {e}") from e
-        names = sorted({_safe_member(root, v, f"tensor {k!r}") for k, v in weight_map.items()})
+    if exists(index):
+        weight_map = _weight_map(root, index)
+        names = sorted({_safe_member(root, v, f"tensor {k[:200]!r}") for k, v in weight_map.items()})
         for n in names:
-            if not (root / n).is_file():
+            if not exists(root / n):
                 raise CheckpointError(f"{index}: names shard {n!r}, which is missing from {root}")
         return names
     single = root / "model.safetensors"
-    if single.is_file():
+    if exists(single):
         return ["model.safetensors"]
     names = sorted(p.name for p in root.glob("*.safetensors"))
     if not names:
@@ -166,11 +227,13 @@ def _shard_names(root: Path) -> list[str]:
 
 
 def _check_index_agrees(root: Path, index: Path, tensors: dict[str, TensorRef]) -> None:
-    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    weight_map = _weight_map(root, index)
     for name, shard in weight_map.items():
         ref = tensors.get(name)
         if ref is None:
-            raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard} but not stored there")
+            raise CheckpointError(
+                f"{index}: tensor {name[:200]!r} is listed in {shard} but not stored there"
+            )
         if Path(ref.file).name != Path(shard).name:
             raise CheckpointError(
                 f"{index}: tensor {name!r} is listed in {shard} but stored in {Path(ref.file).name}"

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from npu_fp.arch.base import TensorRole
-from npu_fp.io.safetensors_header import TensorRef
+from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.stats.moments import Moments, finish
 
 EXPERT_ROLES = ("moe.expert.gate", "moe.expert.up", "moe.expert.down")
@@ -25,6 +25,30 @@ class TensorStats:
     part_role: str  # role of this row (the part's role for a fused part)
     moments: Moments
     digest: str | None  # content hash of the whole tensor's stored bytes
+
+
+def checked_finish(ts: TensorStats) -> dict:
+    """`finish`, or a named error when finite weights overflow float64 moments.
+
+    Fourth powers overflow past |x| ~ 1e77 (F64 tensors only: no other dtype reaches that), and
+    a signature must hold finite numbers; such a tensor is corrupted or hostile, not a weight.
+    """
+    m = ts.moments
+    try:
+        f = finish(m)
+        ok = all(not isinstance(v, float) or math.isfinite(v) for v in f.values())
+        if m.n:
+            ok = ok and all(math.isfinite(v) for v in (m.m2, m.m3, m.m4))
+    except (OverflowError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        big = max(abs(m.min), abs(m.max))
+        raise CheckpointError(
+            f"{ts.ref.file}: tensor {ts.ref.name!r}: {ts.ref.dtype} values up to |x| = {big:.3g} "
+            "overflow float64 moments (fourth powers); weights of magnitude above ~1e75 are not "
+            "supported"
+        )
+    return f
 
 
 def tensor_row(ts: TensorStats) -> dict:
@@ -41,7 +65,7 @@ def tensor_row(ts: TensorStats) -> dict:
         "shape": list(ts.ref.shape),
         "norm_offset": r.norm_offset,
         "transposed": r.transposed,
-        **finish(ts.moments),
+        **checked_finish(ts),
         "hash": ts.digest or "",
     }
 
