@@ -39,13 +39,21 @@ def write_model(folder: Path, layers: int, hidden: int, vocab: int) -> Path:
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(list(topics.values()), trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["[UNK]"], show_progress=False))
+    tok.train_from_iterator(
+        list(topics.values()),
+        trainers.BpeTrainer(vocab_size=vocab, special_tokens=["[UNK]"], show_progress=False),
+    )
     tok.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=hidden // 128, max_position_embeddings=4096)
+    cfg = tf.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=4096,
+    )
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     return folder
 
@@ -88,8 +96,9 @@ def child(mode: str, folder: Path, batch: int, seq: int, batches: int) -> dict:
     else:  # run_activations minus the corpus tokenization, done above for both contenders
         passes = batches if mode == "stream1" else 2
         src = open_model(folder)
-        model = StreamModel(src.config, src.tensors, resolve_device("cpu"), torch.float32,
-                            READ_BUFFER_BYTES)
+        model = StreamModel(
+            src.config, src.tensors, resolve_device("cpu"), torch.float32, READ_BUFFER_BYTES
+        )
         model.validate()
         tables = NormTables.zeros(batches, model.num_layers, model.max_experts)
         streamer = LayerStreamer(model, tables, 1)
@@ -98,8 +107,12 @@ def child(mode: str, folder: Path, batch: int, seq: int, batches: int) -> dict:
         model.close()
         t_load = 0.0
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "load": t_load, "peak": _rss("VmHWM:") - base,
-            "threads": torch.get_num_threads()}
+    return {
+        "seconds": seconds,
+        "load": t_load,
+        "peak": _rss("VmHWM:") - base,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -121,16 +134,37 @@ def main() -> None:
     write_model(folder, a.layers, a.hidden, a.vocab)
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     tokens = a.batch * a.seq * a.batches
-    labels = {"full": "transformers full forward", "stream1": "layer-streamed, 1 pass",
-              "stream2": f"layer-streamed, {a.batches // 2} passes of 2 batches"}
+    labels = {
+        "full": "transformers full forward",
+        "stream1": "layer-streamed, 1 pass",
+        "stream2": f"layer-streamed, {a.batches // 2} passes of 2 batches",
+    }
     results: dict[str, dict] = {}
     for _ in range(a.repeats):  # interleaved, best of N: the 2-core VM is noisy
         for mode in labels:
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--dir", a.dir,
-                                  "--layers", str(a.layers), "--hidden", str(a.hidden),
-                                  "--batch", str(a.batch), "--seq", str(a.seq),
-                                  "--batches", str(a.batches)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--dir",
+                    a.dir,
+                    "--layers",
+                    str(a.layers),
+                    "--hidden",
+                    str(a.hidden),
+                    "--batch",
+                    str(a.batch),
+                    "--seq",
+                    str(a.seq),
+                    "--batches",
+                    str(a.batches),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             best = results.get(mode)
             if best is None or r["seconds"] < best["seconds"]:
@@ -138,16 +172,20 @@ def main() -> None:
             elif r["peak"] < best["peak"]:
                 best["peak"] = r["peak"]
     full = results["full"]
-    print(f"Llama {a.layers} layers x hidden {a.hidden} (fp32 weights {weights / 2**20:.1f} MiB), "
-          f"{a.batches} batches x {a.batch} x {a.seq} = {tokens} tokens, CPU, "
-          f"{full['threads']} threads, best of {a.repeats}\n")
+    print(
+        f"Llama {a.layers} layers x hidden {a.hidden} (fp32 weights {weights / 2**20:.1f} MiB), "
+        f"{a.batches} batches x {a.batch} x {a.seq} = {tokens} tokens, CPU, "
+        f"{full['threads']} threads, best of {a.repeats}\n"
+    )
     print("| run | time (s) | tokens/s | vs full | peak RSS growth (MiB) | vs full |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, label in labels.items():
         r = results[mode]
-        print(f"| {label} | {r['seconds']:.2f} | {tokens / r['seconds']:,.0f} | "
-              f"{full['seconds'] / r['seconds']:.2f}x | {r['peak'] / 2**20:.1f} | "
-              f"{r['peak'] / full['peak']:.2f}x |")
+        print(
+            f"| {label} | {r['seconds']:.2f} | {tokens / r['seconds']:,.0f} | "
+            f"{full['seconds'] / r['seconds']:.2f}x | {r['peak'] / 2**20:.1f} | "
+            f"{r['peak'] / full['peak']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

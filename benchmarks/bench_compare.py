@@ -31,32 +31,49 @@ def shape_for(gib: float) -> dict[str, int]:
     d = h // nh
     per_layer = 2 * h * nh * d + 2 * h * nkv * d + 3 * h * inter
     layers = max(1, round((gib * 2**30 / 2 - 2 * vocab * h) / per_layer))
-    return {"hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
-            "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": vocab}
+    return {
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": nh,
+        "num_key_value_heads": nkv,
+        "vocab_size": vocab,
+    }
 
 
-def _layer_tensors(shape: dict[str, int], layer: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    h, inter, nh, nkv = (shape[k] for k in ("hidden_size", "intermediate_size",
-                                            "num_attention_heads", "num_key_value_heads"))
+def _layer_tensors(
+    shape: dict[str, int], layer: int, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    h, inter, nh, nkv = (
+        shape[k]
+        for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    )
     d, s, p = h // nh, 0.02, f"model.layers.{layer}."
 
     def w(r: int, c: int, std: float) -> torch.Tensor:
         return (torch.randn(r, c, generator=g) * std).to(torch.bfloat16)
 
     return {
-        p + "self_attn.q_proj.weight": w(nh * d, h, s), p + "self_attn.k_proj.weight": w(nkv * d, h, s),
-        p + "self_attn.v_proj.weight": w(nkv * d, h, s), p + "self_attn.o_proj.weight": w(h, nh * d, s),
+        p + "self_attn.q_proj.weight": w(nh * d, h, s),
+        p + "self_attn.k_proj.weight": w(nkv * d, h, s),
+        p + "self_attn.v_proj.weight": w(nkv * d, h, s),
+        p + "self_attn.o_proj.weight": w(h, nh * d, s),
         p + "self_attn.q_proj.bias": torch.randn(nh * d, generator=g).to(torch.bfloat16),
         p + "self_attn.k_proj.bias": torch.randn(nkv * d, generator=g).to(torch.bfloat16),
         p + "self_attn.v_proj.bias": torch.randn(nkv * d, generator=g).to(torch.bfloat16),
-        p + "mlp.gate_proj.weight": w(inter, h, s), p + "mlp.up_proj.weight": w(inter, h, s),
+        p + "mlp.gate_proj.weight": w(inter, h, s),
+        p + "mlp.up_proj.weight": w(inter, h, s),
         p + "mlp.down_proj.weight": w(h, inter, s / 4),
         p + "input_layernorm.weight": (1 + 0.1 * torch.randn(h, generator=g)).to(torch.bfloat16),
-        p + "post_attention_layernorm.weight": (1 + 0.1 * torch.randn(h, generator=g)).to(torch.bfloat16),
+        p + "post_attention_layernorm.weight": (1 + 0.1 * torch.randn(h, generator=g)).to(
+            torch.bfloat16
+        ),
     }
 
 
-def _write_sharded(root: Path, shards: list[dict[str, torch.Tensor]], config: dict, tok: str) -> None:
+def _write_sharded(
+    root: Path, shards: list[dict[str, torch.Tensor]], config: dict, tok: str
+) -> None:
     tmp = root.with_name(root.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     weight_map = {}
@@ -77,36 +94,63 @@ def write_pair(folder: Path, gib: float) -> tuple[Path, Path]:
     shape = shape_for(gib)
     g = torch.Generator().manual_seed(0)
     tok = zoo.tokenizer_json(shape["vocab_size"])
-    glob = {"model.embed_tokens.weight": (torch.randn(shape["vocab_size"], shape["hidden_size"],
-                                                      generator=g) * 0.02).to(torch.bfloat16),
-            "model.norm.weight": torch.ones(shape["hidden_size"], dtype=torch.bfloat16),
-            "lm_head.weight": (torch.randn(shape["vocab_size"], shape["hidden_size"],
-                                           generator=g) * 0.02).to(torch.bfloat16)}
-    shards = [glob] + [_layer_tensors(shape, layer, g) for layer in range(shape["num_hidden_layers"])]
+    glob = {
+        "model.embed_tokens.weight": (
+            torch.randn(shape["vocab_size"], shape["hidden_size"], generator=g) * 0.02
+        ).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(shape["hidden_size"], dtype=torch.bfloat16),
+        "lm_head.weight": (
+            torch.randn(shape["vocab_size"], shape["hidden_size"], generator=g) * 0.02
+        ).to(torch.bfloat16),
+    }
+    shards = [glob] + [
+        _layer_tensors(shape, layer, g) for layer in range(shape["num_hidden_layers"])
+    ]
     _write_sharded(base, shards, zoo.qwen2_config(shape), tok)
     noisy = []
     gn = torch.Generator().manual_seed(1)
     for f in sorted(base.glob("model-*.safetensors")):
         t = load_file(str(f))
-        noisy.append({k: (v.float() + 0.05 * v.float().std() * torch.randn(v.shape, generator=gn))
-                      .to(torch.bfloat16) for k, v in t.items()})
+        noisy.append(
+            {
+                k: (v.float() + 0.05 * v.float().std() * torch.randn(v.shape, generator=gn)).to(
+                    torch.bfloat16
+                )
+                for k, v in t.items()
+            }
+        )
     _write_sharded(deriv, noisy, zoo.qwen2_config(shape), tok)
     return base, deriv
 
 
 def run(nproc: int, models: list[Path], out: Path, device: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "npu_fp", "compare",
-           "models=[" + ",".join(str(m) for m in models) + "]", f"hydra.run.dir={out}",
-           f"compare.cache_dir={out / 'cache'}", f"device={device}", "progress=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "npu_fp",
+        "compare",
+        "models=[" + ",".join(str(m) for m in models) + "]",
+        f"hydra.run.dir={out}",
+        f"compare.cache_dir={out / 'cache'}",
+        f"device={device}",
+        "progress=false",
+    ]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"compare with {nproc} rank(s) failed:\n{r.stderr[-4000:]}")
     doc = json.loads((out / "report.json").read_text())
-    return {"wall": wall, **doc["timing"], "verdict": doc["pairs"][0]["verdict"],
-            "log10_p": doc["pairs"][0]["log10_p"]}
+    return {
+        "wall": wall,
+        **doc["timing"],
+        "verdict": doc["pairs"][0]["verdict"],
+        "log10_p": doc["pairs"][0]["log10_p"],
+    }
 
 
 def main() -> None:
@@ -119,20 +163,26 @@ def main() -> None:
     t0 = time.perf_counter()
     base, deriv = write_pair(args.folder, args.gib)
     size = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**30
-    print(f"checkpoints ready in {time.perf_counter() - t0:.1f} s: 2 x {size:.2f} GiB "
-          f"({json.loads((base / 'config.json').read_text())['num_hidden_layers']} layers)",
-          file=sys.stderr)
+    print(
+        f"checkpoints ready in {time.perf_counter() - t0:.1f} s: 2 x {size:.2f} GiB "
+        f"({json.loads((base / 'config.json').read_text())['num_hidden_layers']} layers)",
+        file=sys.stderr,
+    )
     rows = []
     for n in args.ranks:
         out = args.folder / f"run-{n}ranks-{int(time.time())}"
         rows.append((n, run(n, [base, deriv], out, args.device)))
     print(f"\ncompare of two {size:.2f} GiB checkpoints (bf16), host CPUs: {os.cpu_count()}\n")
-    print("| ranks | device | command wall (s) | fingerprint both (s) | pairwise tests (s) | "
-          "verdict | log10 p |")
+    print(
+        "| ranks | device | command wall (s) | fingerprint both (s) | pairwise tests (s) | "
+        "verdict | log10 p |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n, r in rows:
-        print(f"| {n} | {r['device']} | {r['wall']:.1f} | {r['fingerprint_s']:.1f} | "
-              f"{r['pairwise_s']:.1f} | {r['verdict']} | {r['log10_p']:.0f} |")
+        print(
+            f"| {n} | {r['device']} | {r['wall']:.1f} | {r['fingerprint_s']:.1f} | "
+            f"{r['pairwise_s']:.1f} | {r['verdict']} | {r['log10_p']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

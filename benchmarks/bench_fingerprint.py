@@ -45,10 +45,20 @@ def write_checkpoint(root: Path, gib: int) -> Path:
             weight_map[key] = name
         save_file(tensors, str(d / name))
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": n,
-        "hidden_size": COLS, "intermediate_size": ROWS, "num_attention_heads": 64,
-        "num_key_value_heads": 8, "vocab_size": 32000}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "num_hidden_layers": n,
+                "hidden_size": COLS,
+                "intermediate_size": ROWS,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "vocab_size": 32000,
+            }
+        )
+    )
     return d
 
 
@@ -74,9 +84,21 @@ print(time.perf_counter() - t)
 
 
 def fingerprint(model: Path, ranks: int, out: Path) -> tuple[float, float, float, list[float]]:
-    wall, r = timed([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     f"--nproc-per-node={ranks}", "-m", "npu_fp", "fingerprint",
-                     f"model.path={model}", f"hydra.run.dir={out}", "progress=false"])
+    wall, r = timed(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "-m",
+            "npu_fp",
+            "fingerprint",
+            f"model.path={model}",
+            f"hydra.run.dir={out}",
+            "progress=false",
+        ]
+    )
     job = float(re.search(r" seconds=([0-9.]+)", r.stdout).group(1))
     stream = float(re.search(r"stream_seconds=([0-9.]+)", r.stdout).group(1))
     rss = []
@@ -105,10 +127,24 @@ def main() -> None:
             rows.append((gib, "naive: load_file + torch.std(fp32)", naive, gb / naive, "-"))
         for ranks in (1, 2):
             wall, job, stream, rss = fingerprint(model, ranks, args.dir / f"out-{gib}g-{ranks}r")
-            rows.append((gib, f"npu-fp, {ranks} rank(s), streaming statistics", stream,
-                         gb / stream, " / ".join(f"{x:.0f}" for x in rss)))
-            rows.append((gib, f"npu-fp, {ranks} rank(s), job (headers to outputs written)", job,
-                         gb / job, "-"))
+            rows.append(
+                (
+                    gib,
+                    f"npu-fp, {ranks} rank(s), streaming statistics",
+                    stream,
+                    gb / stream,
+                    " / ".join(f"{x:.0f}" for x in rss),
+                )
+            )
+            rows.append(
+                (
+                    gib,
+                    f"npu-fp, {ranks} rank(s), job (headers to outputs written)",
+                    job,
+                    gb / job,
+                    "-",
+                )
+            )
             rows.append((gib, f"npu-fp, {ranks} rank(s), whole launch", wall, gb / wall, "-"))
     print("| checkpoint | what | seconds | GB/s | peak RSS per rank (MiB) |")
     print("|---|---|---|---|---|")

@@ -30,16 +30,25 @@ from npu_fp.config import CompareConfig, RunConfig
 
 
 def run_compare(models: list[Path], out: Path, cache: Path) -> dict:
-    cfg = RunConfig(command="compare", models=[str(m) for m in models], out_dir=str(out),
-                    progress=False, device="cpu",
-                    compare=CompareConfig(cache_dir=str(cache)))
+    cfg = RunConfig(
+        command="compare",
+        models=[str(m) for m in models],
+        out_dir=str(out),
+        progress=False,
+        device="cpu",
+        compare=CompareConfig(cache_dir=str(cache)),
+    )
     return json.loads(compare(cfg).read_text())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default=os.environ.get(
-        "NPU_FP_REAL_CACHE", str(Path.home() / ".cache" / "npu_fp" / "real-weights")))
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get(
+            "NPU_FP_REAL_CACHE", str(Path.home() / ".cache" / "npu_fp" / "real-weights")
+        ),
+    )
     ap.add_argument("--out", default="/tmp/npu_fp_real_null")
     ap.add_argument("--within-pairs", type=int, default=12, help="layer pairs per model")
     ap.add_argument("--models", default="M,S,G,E")
@@ -47,8 +56,11 @@ def main() -> None:
     t0 = time.perf_counter()
     cache, out = Path(args.cache), Path(args.out)
     models = realweights.prepare(cache, tuple(args.models.split(",")), log=print)
-    base = realweights.first_layers(models["S"], cache / "derived" / "S8", 8) \
-        if not (cache / "derived" / "S8" / "model.safetensors").exists() else cache / "derived" / "S8"
+    base = (
+        realweights.first_layers(models["S"], cache / "derived" / "S8", 8)
+        if not (cache / "derived" / "S8" / "model.safetensors").exists()
+        else cache / "derived" / "S8"
+    )
     related = calibration.build_related(base, cache / "derived")
     t_prep = time.perf_counter() - t0
     sig_cache = cache / "signatures"
@@ -59,8 +71,7 @@ def main() -> None:
     labels.update({(a, b): "related" for a, b in combinations(rel_names, 2)})
     labels.update({("M", r): "independent" for r in rel_names})
     doc_rel = run_compare([models["M"], base, *related.values()], out / "related", sig_cache)
-    pair_rows = (calibration.family_rows(doc_ind, labels)
-                 + calibration.family_rows(doc_rel, labels))
+    pair_rows = calibration.family_rows(doc_ind, labels) + calibration.family_rows(doc_rel, labels)
     t_cmp = time.perf_counter() - t0 - t_prep
     rows: list[calibration.NullRow] = []
     cc = CompareConfig()
@@ -75,22 +86,35 @@ def main() -> None:
     print("\npair verdicts")
     print(f"{'a':>22} {'b':>22} {'truth':>12} {'verdict':>13} {'log10 p':>10}  decided by")
     for r in pair_rows:
-        print(f"{r['a']:>22} {r['b']:>22} {r['truth']:>12} {r['verdict']:>13} "
-              f"{r['log10_p'] if r['log10_p'] is not None else 'n/a':>10}  {r['decided_by']}")
+        print(
+            f"{r['a']:>22} {r['b']:>22} {r['truth']:>12} {r['verdict']:>13} "
+            f"{r['log10_p'] if r['log10_p'] is not None else 'n/a':>10}  {r['decided_by']}"
+        )
     print("\nnull table (false positives at each nominal level)")
     for t in table:
         print(json.dumps(t))
-    print("\nunit-agreement envelope (calibration half) measured:",
-          calibration.measured_envelope(rows), "committed in compare/margins.py:",
-          margins.MEASURED_MAX_FRACTION)
+    print(
+        "\nunit-agreement envelope (calibration half) measured:",
+        calibration.measured_envelope(rows),
+        "committed in compare/margins.py:",
+        margins.MEASURED_MAX_FRACTION,
+    )
     fp = [r for r in pair_rows if r["truth"] == "independent" and r["verdict"] == "related"]
     fn = [r for r in pair_rows if r["truth"] == "related" and r["verdict"] != "related"]
     print(f"\nfalse accusations: {len(fp)}; missed related pairs: {len(fn)}")
     print(f"time: prepare {t_prep:.0f} s, compare {t_cmp:.0f} s, within-model {t_null:.0f} s")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_null.json").write_text(json.dumps(
-        {"pairs": pair_rows, "null_table": table, "within_model": [r.to_json() for r in rows],
-         "seconds": {"prepare": t_prep, "compare": t_cmp, "within_model": t_null}}, indent=1))
+    (out / "real_null.json").write_text(
+        json.dumps(
+            {
+                "pairs": pair_rows,
+                "null_table": table,
+                "within_model": [r.to_json() for r in rows],
+                "seconds": {"prepare": t_prep, "compare": t_cmp, "within_model": t_null},
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -79,9 +79,21 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 # OSErrors that describe the environment (what a user fixes), not a bug: reported without traceback
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
-                                errno.EFBIG, errno.EMFILE, errno.ENFILE})
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.EFBIG,
+        errno.EMFILE,
+        errno.ENFILE,
+    }
+)
 
 
 def check_run_dir(argv: list[str]) -> str | None:
@@ -101,8 +113,20 @@ def check_run_dir(argv: list[str]) -> str | None:
 
 
 # Hydra flags followed by a value (which is not a command word)
-HYDRA_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cn", "--config-name", "-cp",
-                     "--config-path", "-cd", "--config-dir", "--info", "--experimental-rerun"}
+HYDRA_VALUE_FLAGS = {
+    "-c",
+    "--cfg",
+    "-p",
+    "--package",
+    "-cn",
+    "--config-name",
+    "-cp",
+    "--config-path",
+    "-cd",
+    "--config-dir",
+    "--info",
+    "--experimental-rerun",
+}
 
 
 def cli() -> None:
@@ -112,8 +136,10 @@ def cli() -> None:
         if arg.startswith("-") or "=" in arg or (i and argv[i - 1] in HYDRA_VALUE_FLAGS):
             continue
         if arg not in COMMANDS:
-            print(f"npu-fp: error: unknown command {arg!r}; expected one of {', '.join(COMMANDS)}",
-                  file=sys.stderr)
+            print(
+                f"npu-fp: error: unknown command {arg!r}; expected one of {', '.join(COMMANDS)}",
+                file=sys.stderr,
+            )
             sys.exit(2)
         del argv[i]
         extra.append(f"command={arg}")
@@ -121,8 +147,9 @@ def cli() -> None:
     if "RANK" in os.environ and not any(a.startswith("hydra.run.dir=") for a in argv):
         # every rank would resolve ${now:...} on its own and could land in another second: derive
         # one directory from what torchrun gives all ranks alike
-        run_id = "-".join(os.environ.get(k, "x") for k in
-                          ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+        run_id = "-".join(
+            os.environ.get(k, "x") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+        )
         extra.append(f"hydra.run.dir=outputs/torchrun/{run_id}")
     if os.environ.get("RANK", "0") != "0":
         # only rank 0 records Hydra's config in the shared run directory

@@ -54,8 +54,9 @@ def compute_dtype(cfg: ActivationsConfig, ctx: DistContext) -> torch.dtype:
     return DTYPES[cfg.dtype]
 
 
-def run_activations(ctx: DistContext, cfg: ActivationsConfig, model_root: str,
-                    source: ModelSource) -> ActivationResult | None:
+def run_activations(
+    ctx: DistContext, cfg: ActivationsConfig, model_root: str, source: ModelSource
+) -> ActivationResult | None:
     """Collective over all ranks; rank 0 gets the result, the others None."""
     if importlib.util.find_spec("transformers") is None:
         raise ActivationInputError(
@@ -63,8 +64,9 @@ def run_activations(ctx: DistContext, cfg: ActivationsConfig, model_root: str,
             "pip install 'npu_fp[forward]' (transformers>=5, after torch is pinned)"
         )
     where = str(Path(source.root) / "config.json")
-    model = StreamModel(source.config, source.tensors, ctx.device, compute_dtype(cfg, ctx),
-                        READ_BUFFER_BYTES, where)
+    model = StreamModel(
+        source.config, source.tensors, ctx.device, compute_dtype(cfg, ctx), READ_BUFFER_BYTES, where
+    )
     try:
         positions = model.max_positions()
         if positions is not None and cfg.seq_len > positions:
@@ -72,11 +74,21 @@ def run_activations(ctx: DistContext, cfg: ActivationsConfig, model_root: str,
                 f"activations.seq_len={cfg.seq_len} exceeds max_position_embeddings={positions} "
                 f"in {where}; use activations.seq_len<={positions}"
             )
-        batches = make_batches(model_root, cfg.corpus, cfg.batch_size, cfg.seq_len,
-                               cfg.num_batches, cfg.seed, getattr(model.hf_config, "vocab_size", None))
+        batches = make_batches(
+            model_root,
+            cfg.corpus,
+            cfg.batch_size,
+            cfg.seq_len,
+            cfg.num_batches,
+            cfg.seed,
+            getattr(model.hf_config, "vocab_size", None),
+        )
         model.validate()
-        stages = (pipeline_stages([model.layer_bytes(i) for i in range(model.num_layers)],
-                                  ctx.world_size) if cfg.mode == "pipeline" else [])
+        stages = (
+            pipeline_stages([model.layer_bytes(i) for i in range(model.num_layers)], ctx.world_size)
+            if cfg.mode == "pipeline"
+            else []
+        )
         tables = NormTables.zeros(batches.num_batches, model.num_layers, model.max_experts)
         streamer = LayerStreamer(model, tables, cfg.layers_per_block)
         error: BaseException | None = None
@@ -90,26 +102,39 @@ def run_activations(ctx: DistContext, cfg: ActivationsConfig, model_root: str,
             error = e
         main_raises_everywhere(ctx, error)
         tables = reduce_tables(ctx, tables)
-        log.info("rank %d: %d layer builds, peak %.1f MiB of layer weights, %.1f MiB of hidden "
-                 "states", ctx.rank, streamer.layers_built, streamer.peak_weight_bytes / 2**20,
-                 streamer.peak_hidden_bytes / 2**20)
+        log.info(
+            "rank %d: %d layer builds, peak %.1f MiB of layer weights, %.1f MiB of hidden states",
+            ctx.rank,
+            streamer.layers_built,
+            streamer.peak_weight_bytes / 2**20,
+            streamer.peak_hidden_bytes / 2**20,
+        )
     finally:
         model.close()
     if not ctx.is_main:
         return None
     settings = {
-        "corpus": batches.description, "corpus_sha256": batches.corpus_sha256,
-        "tokens_sha256": batches.tokens_sha256, "tokenizer_sha256": batches.tokenizer_sha256,
-        "corpus_tokens": batches.corpus_tokens, "repeated_windows": batches.repeated_windows,
-        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "num_batches": cfg.num_batches,
-        "seed": cfg.seed, "dtype": cfg.dtype, "mode": cfg.mode, "family": model.family.name,
+        "corpus": batches.description,
+        "corpus_sha256": batches.corpus_sha256,
+        "tokens_sha256": batches.tokens_sha256,
+        "tokenizer_sha256": batches.tokenizer_sha256,
+        "corpus_tokens": batches.corpus_tokens,
+        "repeated_windows": batches.repeated_windows,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "num_batches": cfg.num_batches,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "mode": cfg.mode,
+        "family": model.family.name,
         "num_layers": model.num_layers,
     }
     return finish(tables, model.layer_experts, model.experts_per_group(), settings)
 
 
-def finish(tables: NormTables, layer_experts: dict[int, int], group_size: int | None,
-           settings: dict) -> ActivationResult:
+def finish(
+    tables: NormTables, layer_experts: dict[int, int], group_size: int | None, settings: dict
+) -> ActivationResult:
     """Rows from the summed tables (rank 0)."""
     totals = tables.totals()
     rows = []
@@ -120,11 +145,25 @@ def finish(tables: NormTables, layer_experts: dict[int, int], group_size: int | 
             # no finite token: None, not NaN (signatures are strict JSON)
             mean = total / finite if finite else None
             std = math.sqrt(max(sumsq / finite - mean * mean, 0.0)) if mean is not None else None
-            rows.append({"layer": layer, "stream": stream, "mean_norm": mean, "std_norm": std,
-                         "tokens": int(count), "nan": int(nan), "inf": int(inf)})
+            rows.append(
+                {
+                    "layer": layer,
+                    "stream": stream,
+                    "mean_norm": mean,
+                    "std_norm": std,
+                    "tokens": int(count),
+                    "nan": int(nan),
+                    "inf": int(inf),
+                }
+            )
             if nan or inf:
-                log.warning("layer %d %s: %d NaN and %d Inf token norms (left out of mean/std)",
-                            layer, stream, int(nan), int(inf))
+                log.warning(
+                    "layer %d %s: %d NaN and %d Inf token norms (left out of mean/std)",
+                    layer,
+                    stream,
+                    int(nan),
+                    int(inf),
+                )
     routing: list[dict] = []
     for layer, n_exp in sorted(layer_experts.items()):
         if not n_exp:
@@ -136,8 +175,10 @@ def finish(tables: NormTables, layer_experts: dict[int, int], group_size: int | 
             routing.append({"layer": layer, "expert": e, "group": g, "tokens": int(c)})
             if g is not None:
                 groups[g] = groups.get(g, 0) + int(c)
-        routing += [{"layer": layer, "expert": None, "group": g, "tokens": c}
-                    for g, c in sorted(groups.items())]
+        routing += [
+            {"layer": layer, "expert": None, "group": g, "tokens": c}
+            for g, c in sorted(groups.items())
+        ]
     return ActivationResult(rows, routing, settings)
 
 
@@ -148,10 +189,14 @@ def write_activation_outputs(result: ActivationResult, out_dir: Path) -> list[Pa
     out_dir = Path(out_dir)
     paths = [write_text_atomic(out_dir / "activations.csv", rows_csv(result.rows, ROW_FIELDS))]
     if result.routing:
-        paths.append(write_text_atomic(out_dir / "activations_routing.csv",
-                                       rows_csv(result.routing, ROUTING_FIELDS)))
-    paths.append(write_with_atomic(out_dir / "activations.png",
-                                   lambda tmp: plot_activations(result, tmp)))
+        paths.append(
+            write_text_atomic(
+                out_dir / "activations_routing.csv", rows_csv(result.routing, ROUTING_FIELDS)
+            )
+        )
+    paths.append(
+        write_with_atomic(out_dir / "activations.png", lambda tmp: plot_activations(result, tmp))
+    )
     return paths
 
 
@@ -174,9 +219,13 @@ def plot_activations(result: ActivationResult, path: Path) -> None:
         zs = (m - m.mean()) / sd if sd > 0 else torch.zeros_like(m)
         z.plot(x, zs.tolist(), marker="o", ms=3, label=stream)
     st = result.settings
-    raw.set(xlabel="layer", ylabel="token L2 norm (mean +- std)", yscale="log",
-            title=f"{st.get('family', '')}: {st.get('num_batches')} x {st.get('batch_size')} x "
-                  f"{st.get('seq_len')} tokens")
+    raw.set(
+        xlabel="layer",
+        ylabel="token L2 norm (mean +- std)",
+        yscale="log",
+        title=f"{st.get('family', '')}: {st.get('num_batches')} x {st.get('batch_size')} x "
+        f"{st.get('seq_len')} tokens",
+    )
     z.set(xlabel="layer", ylabel="mean norm, z-scored over layers", title="normalized profile")
     for ax in (raw, z):
         ax.grid(alpha=0.3)
@@ -193,8 +242,10 @@ def activations(cfg: RunConfig) -> Path:
     from npu_fp.logs import setup_rank_logging
 
     if cfg.model.path is None:
-        raise ValueError("npu-fp activations needs model.path=DIR (a checkpoint folder with "
-                         "config.json, *.safetensors and tokenizer.json)")
+        raise ValueError(
+            "npu-fp activations needs model.path=DIR (a checkpoint folder with "
+            "config.json, *.safetensors and tokenizer.json)"
+        )
     out = Path(cfg.out_dir)
     with distributed(cfg.device) as ctx:
         setup_rank_logging(out, ctx.rank)

@@ -47,20 +47,29 @@ class NullRow:
     matchings: int = 0  # unit matchings compared (2: up/down, 3: gate/up/down); margins only
 
     def to_json(self) -> dict:
-        return {"model": self.model, "family": self.family, "test": self.test,
-                "layer_a": self.layer_a, "layer_b": self.layer_b,
-                "statistic": round(self.statistic, 4), "log10_p": round(self.log_p / math.log(10), 4),
-                "half": self.half, "matchings": self.matchings}
+        return {
+            "model": self.model,
+            "family": self.family,
+            "test": self.test,
+            "layer_a": self.layer_a,
+            "layer_b": self.layer_b,
+            "statistic": round(self.statistic, 4),
+            "log10_p": round(self.log_p / math.log(10), 4),
+            "half": self.half,
+            "matchings": self.matchings,
+        }
 
 
-def layer_pairs(num_layers: int, max_pairs: int, seed: int = 0,
-                adjacent: bool = False) -> list[tuple[int, int]]:
+def layer_pairs(
+    num_layers: int, max_pairs: int, seed: int = 0, adjacent: bool = False
+) -> list[tuple[int, int]]:
     """Distinct layer pairs (i < j), a seeded subset when there are more than `max_pairs`;
     with `adjacent`, every (l, l + 1) too: neighbours share the most features (hardest null)."""
     pairs = list(combinations(range(num_layers), 2))
     if len(pairs) > max_pairs:
-        pick = np.sort(np.random.default_rng(seed).choice(len(pairs), size=max_pairs,
-                                                          replace=False))
+        pick = np.sort(
+            np.random.default_rng(seed).choice(len(pairs), size=max_pairs, replace=False)
+        )
         pairs = [pairs[i] for i in pick]
     if adjacent:
         pairs = sorted(set(pairs) | {(k, k + 1) for k in range(num_layers - 1)})
@@ -77,8 +86,14 @@ def measured_envelope(rows: list[NullRow]) -> dict[int, float]:
     return out
 
 
-def within_model_null(name: str, view: ModelView, hidden: int, cfg: CompareConfig,
-                      device: torch.device, pairs: list[tuple[int, int]]) -> list[NullRow]:
+def within_model_null(
+    name: str,
+    view: ModelView,
+    hidden: int,
+    cfg: CompareConfig,
+    device: torch.device,
+    pairs: list[tuple[int, int]],
+) -> list[NullRow]:
     prep = Prep(identity(hidden), {}, [])
     rows: list[NullRow] = []
     for k, (la, lb) in enumerate(pairs):
@@ -86,28 +101,80 @@ def within_model_null(name: str, view: ModelView, hidden: int, cfg: CompareConfi
         r = layer_pair(view, view, la, lb, prep, cfg, device, diagonal=True)
         for t in r["identity"]:
             if "log_p" in t:
-                rows.append(NullRow(name, "unit_identity", t["role"], la, lb,
-                                    t["x"] - t["mean"], t["log_p"], half))
+                rows.append(
+                    NullRow(
+                        name,
+                        "unit_identity",
+                        t["role"],
+                        la,
+                        lb,
+                        t["x"] - t["mean"],
+                        t["log_p"],
+                        half,
+                    )
+                )
         for t in r["blocks"]:
             if "z" not in t:
                 continue
-            rows.append(NullRow(name, "matched_units", t["block"], la, lb, t["frac"],
-                                t["margin_log_p"], half, len(t["roles"])))
-            rows.append(NullRow(name, "matched_units_analytic", t["block"], la, lb, t["z"],
-                                t["log_p"], half))
+            rows.append(
+                NullRow(
+                    name,
+                    "matched_units",
+                    t["block"],
+                    la,
+                    lb,
+                    t["frac"],
+                    t["margin_log_p"],
+                    half,
+                    len(t["roles"]),
+                )
+            )
+            rows.append(
+                NullRow(
+                    name, "matched_units_analytic", t["block"], la, lb, t["z"], t["log_p"], half
+                )
+            )
         if r["heads"] is not None and "z" in r["heads"]:
-            rows.append(NullRow(name, "matched_heads", "heads", la, lb, r["heads"]["z"],
-                                r["heads"]["log_p"], half))
+            rows.append(
+                NullRow(
+                    name,
+                    "matched_heads",
+                    "heads",
+                    la,
+                    lb,
+                    r["heads"]["z"],
+                    r["heads"]["log_p"],
+                    half,
+                )
+            )
         for t in r["inplace"]:
             rows.append(NullRow(name, "inplace", t["role"], la, lb, t["z"], t["log_p"], half))
         for t in pseudo_expert_tests(view, la, lb, prep, cfg, device):
-            rows.append(NullRow(name, "expert_units", t["block"], la, lb, t["frac"],
-                                t["margin_log_p"], half, len(t["roles"])))
+            rows.append(
+                NullRow(
+                    name,
+                    "expert_units",
+                    t["block"],
+                    la,
+                    lb,
+                    t["frac"],
+                    t["margin_log_p"],
+                    half,
+                    len(t["roles"]),
+                )
+            )
     return rows
 
 
-def pseudo_expert_tests(view: ModelView, la: int, lb: int, prep: Prep, cfg: CompareConfig,
-                        device: torch.device, experts: int = 8) -> list[dict]:
+def pseudo_expert_tests(
+    view: ModelView,
+    la: int,
+    lb: int,
+    prep: Prep,
+    cfg: CompareConfig,
+    device: torch.device,
+    experts: int = 8,
+) -> list[dict]:
     """The expert -> parent test (`block_test` of one expert into a dense FFN pool) on a real
     null: layer `lb`'s FFN cut into `experts` contiguous slices of units, each matched into
     layer `la`'s FFN, as an upcycled MoE's experts are matched into the dense parent."""
@@ -126,7 +193,7 @@ def pseudo_expert_tests(view: ModelView, la: int, lb: int, prep: Prep, cfg: Comp
     size = n // experts
     out = []
     for e in range(experts):
-        blk = {k: v[e * size:(e + 1) * size] for k, v in blk_b.items()}
+        blk = {k: v[e * size : (e + 1) * size] for k, v in blk_b.items()}
         t = block_test(blk, pool, cfg.lap_max_units, cfg.proj_dim)
         if t is not None and "z" in t:
             out.append({"block": f"pseudo-expert {e}", **t})
@@ -149,10 +216,12 @@ def build_related(base: Path, out: Path) -> dict[str, Path]:
     function-preserving permutation (FFN units, heads and hidden dimensions), continued
     training (noise plus low-rank drift)."""
     out.mkdir(parents=True, exist_ok=True)
-    made = {"requant_q8": lambda d: realweights.requantize(base, d, "Q8_0"),
-            "vocab_pruned": lambda d: derive.vocab_reorder_truncate(base, d),
-            "permuted": lambda d: derive.permute(base, d, hidden=True),
-            "continued": lambda d: derive.continued_training(base, d)}
+    made = {
+        "requant_q8": lambda d: realweights.requantize(base, d, "Q8_0"),
+        "vocab_pruned": lambda d: derive.vocab_reorder_truncate(base, d),
+        "permuted": lambda d: derive.permute(base, d, hidden=True),
+        "continued": lambda d: derive.continued_training(base, d),
+    }
     paths = {}
     for name, fn in made.items():
         dst = out / f"{base.name}_{name}"
@@ -168,9 +237,17 @@ def family_rows(doc: dict, labels: dict[tuple[str, str], str]) -> list[dict]:
     for p in doc["pairs"]:
         truth = labels.get((p["a"], p["b"])) or labels.get((p["b"], p["a"])) or "unknown"
         fams = {e["kind"]: e.get("log10_p") for e in p["evidence"]}
-        out.append({"a": p["a"], "b": p["b"], "truth": truth, "verdict": p["verdict"],
-                    "log10_p": p["log10_p"], "families": fams,
-                    "decided_by": (p.get("decided_by") or {}).get("family")})
+        out.append(
+            {
+                "a": p["a"],
+                "b": p["b"],
+                "truth": truth,
+                "verdict": p["verdict"],
+                "log10_p": p["log10_p"],
+                "families": fams,
+                "decided_by": (p.get("decided_by") or {}).get("family"),
+            }
+        )
     return out
 
 
@@ -183,16 +260,30 @@ def null_summary(rows: list[NullRow], pair_rows: list[dict]) -> list[dict]:
             sel = [r for r in rows if r.family == fam and r.half == half]
             if not sel:
                 continue
-            table.append({
-                "family": fam, "kind": "within-model", "half": half, "tests": len(sel),
-                "max_statistic": round(max(r.statistic for r in sel), 3),
-                "min_log10_p": round(min(r.log_p for r in sel) / math.log(10), 3),
-                **{f"fp@{lv:g}": sum(r.log_p < math.log(lv) for r in sel) for lv in LEVELS}})
+            table.append(
+                {
+                    "family": fam,
+                    "kind": "within-model",
+                    "half": half,
+                    "tests": len(sel),
+                    "max_statistic": round(max(r.statistic for r in sel), 3),
+                    "min_log10_p": round(min(r.log_p for r in sel) / math.log(10), 3),
+                    **{f"fp@{lv:g}": sum(r.log_p < math.log(lv) for r in sel) for lv in LEVELS},
+                }
+            )
     cross = [r for r in pair_rows if r["truth"] == "independent"]
     kinds = sorted({k for r in cross for k, v in r["families"].items() if v is not None})
     for fam in kinds:
         vals = [r["families"][fam] for r in cross if r["families"].get(fam) is not None]
-        table.append({"family": fam, "kind": "cross-model", "half": "all", "tests": len(vals),
-                      "max_statistic": None, "min_log10_p": round(min(vals), 3),
-                      **{f"fp@{lv:g}": sum(v < math.log10(lv) for v in vals) for lv in LEVELS}})
+        table.append(
+            {
+                "family": fam,
+                "kind": "cross-model",
+                "half": "all",
+                "tests": len(vals),
+                "max_statistic": None,
+                "min_log10_p": round(min(vals), 3),
+                **{f"fp@{lv:g}": sum(v < math.log10(lv) for v in vals) for lv in LEVELS},
+            }
+        )
     return table

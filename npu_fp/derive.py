@@ -45,15 +45,23 @@ def load_base(base_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict, str 
         tensors.update({k: v.to(torch.float32) for k, v in load_file(str(f)).items()})
     config = json.loads((base / "config.json").read_text())
     if LAYER.format(0) + "self_attn.q_proj.weight" not in tensors:
-        raise DeriveError(f"{base}: no {LAYER.format(0)}self_attn.q_proj.weight; the builders "
-                          "need a Llama / Qwen2-style dense checkpoint")
+        raise DeriveError(
+            f"{base}: no {LAYER.format(0)}self_attn.q_proj.weight; the builders "
+            "need a Llama / Qwen2-style dense checkpoint"
+        )
     tok = base / "tokenizer.json"
     return tensors, config, tok.read_text() if tok.is_file() else None
 
 
 def _shape(config: dict) -> dict[str, int]:
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size")
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+    )
     return {k: int(config[k]) for k in keys}
 
 
@@ -61,19 +69,31 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _write(out: str | Path, tensors: dict[str, torch.Tensor], config: dict, tok: str | None,
-           dtype: torch.dtype = torch.float32) -> Path:
+def _write(
+    out: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    tok: str | None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     return zoo.write_checkpoint(Path(out), tensors, config, dtype, tok)
 
 
-def continued_training(base: str | Path, out: str | Path, seed: int = 1, rel_noise: float = 0.05,
-                       rank: int = 4) -> Path:
+def continued_training(
+    base: str | Path, out: str | Path, seed: int = 1, rel_noise: float = 0.05, rank: int = 4
+) -> Path:
     t, cfg, tok = load_base(base)
     return _write(out, zoo.continued_training(t, seed, rel_noise, rank), cfg, tok)
 
 
-def permute(base: str | Path, out: str | Path, seed: int = 2, units: bool = True,
-            heads: bool = True, hidden: bool = False) -> Path:
+def permute(
+    base: str | Path,
+    out: str | Path,
+    seed: int = 2,
+    units: bool = True,
+    heads: bool = True,
+    hidden: bool = False,
+) -> Path:
     """Function-preserving permutations (the model computes exactly the same function)."""
     t, cfg, tok = load_base(base)
     s = _shape(cfg)
@@ -103,8 +123,17 @@ def permute(base: str | Path, out: str | Path, seed: int = 2, units: bool = True
         rho = torch.randperm(h, generator=g)
         for name in list(t):
             x = t[name]
-            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
-                              "up_proj.weight", "embed_tokens.weight", "lm_head.weight")):
+            if name.endswith(
+                (
+                    "q_proj.weight",
+                    "k_proj.weight",
+                    "v_proj.weight",
+                    "gate_proj.weight",
+                    "up_proj.weight",
+                    "embed_tokens.weight",
+                    "lm_head.weight",
+                )
+            ):
                 t[name] = x[:, rho]
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 t[name] = x[rho]
@@ -121,7 +150,7 @@ def prune_layers(base: str | Path, out: str | Path, keep_every: int = 2) -> Path
     new: dict[str, torch.Tensor] = {k: v for k, v in t.items() if not k.startswith("model.layers.")}
     for i, old in enumerate(kept):
         src, dst = LAYER.format(old), LAYER.format(i)
-        new.update({dst + k[len(src):]: v for k, v in t.items() if k.startswith(src)})
+        new.update({dst + k[len(src) :]: v for k, v in t.items() if k.startswith(src)})
     return _write(out, new, {**cfg, "num_hidden_layers": len(kept)}, tok)
 
 
@@ -130,14 +159,17 @@ def _rewrite_tokenizer(tok: str, new_id: dict[int, int]) -> str:
     model = doc["model"]
     vocab = model.get("vocab")
     if isinstance(vocab, dict):
-        model["vocab"] = {k: new_id[v] for k, v in sorted(vocab.items(), key=lambda kv: kv[1])
-                          if v in new_id}
+        model["vocab"] = {
+            k: new_id[v] for k, v in sorted(vocab.items(), key=lambda kv: kv[1]) if v in new_id
+        }
         model["vocab"] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
         if isinstance(model.get("merges"), list):
             kept = set(model["vocab"])
+
             def ok(m: object) -> bool:
                 parts = m.split(" ") if isinstance(m, str) else list(m)
                 return all(x in kept for x in parts) and "".join(parts) in kept
+
             model["merges"] = [m for m in model["merges"] if ok(m)]
     elif isinstance(vocab, list):
         model["vocab"] = [vocab[old] for old, _ in sorted(new_id.items(), key=lambda kv: kv[1])]
@@ -151,8 +183,9 @@ def _rewrite_tokenizer(tok: str, new_id: dict[int, int]) -> str:
     return json.dumps(doc, ensure_ascii=False)
 
 
-def vocab_reorder_truncate(base: str | Path, out: str | Path, seed: int = 3,
-                           keep: float = 0.75) -> Path:
+def vocab_reorder_truncate(
+    base: str | Path, out: str | Path, seed: int = 3, keep: float = 0.75
+) -> Path:
     """Shuffle token ids and drop a quarter of the vocabulary (special tokens kept)."""
     t, cfg, tok = load_base(base)
     v = t["model.embed_tokens.weight"].shape[0]
@@ -177,8 +210,9 @@ def vocab_reorder_truncate(base: str | Path, out: str | Path, seed: int = 3,
     return _write(out, t, {**cfg, "vocab_size": len(order)}, tok)
 
 
-def mixtral_upcycle(base: str | Path, out: str | Path, seed: int = 4, num_experts: int = 4,
-                    rel_noise: float = 0.01) -> Path:
+def mixtral_upcycle(
+    base: str | Path, out: str | Path, seed: int = 4, num_experts: int = 4, rel_noise: float = 0.01
+) -> Path:
     """Mixtral layout: every expert a noisy copy of the dense FFN (Mistral -> Mixtral)."""
     t, cfg, tok = load_base(base)
     s = _shape(cfg)
@@ -195,13 +229,24 @@ def mixtral_upcycle(base: str | Path, out: str | Path, seed: int = 4, num_expert
         for e in range(num_experts):
             for src, dst in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
                 new[moe + f"experts.{e}.{dst}.weight"] = noisy(t[p + f"mlp.{src}.weight"])
-    config = {**cfg, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-              "num_local_experts": num_experts, "num_experts_per_tok": 2}
+    config = {
+        **cfg,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": num_experts,
+        "num_experts_per_tok": 2,
+    }
     return _write(out, new, config, tok)
 
 
-def moge_upcycle(base: str | Path, out: str | Path, seed: int = 5, num_experts: int = 16,
-                 num_groups: int = 8, rel_noise: float = 0.1) -> Path:
+def moge_upcycle(
+    base: str | Path,
+    out: str | Path,
+    seed: int = 5,
+    num_experts: int = 16,
+    num_groups: int = 8,
+    rel_noise: float = 0.1,
+) -> Path:
     """Pangu Pro MoE layout (MoGE): experts are FFN slices plus noise, in groups."""
     t, cfg, tok = load_base(base)
     tensors, config = zoo.moge_upcycle(t, _shape(cfg), seed, num_experts, num_groups, rel_noise)
@@ -222,9 +267,14 @@ def independent_matched(base: str | Path, out: str | Path, seed: int = 1000) -> 
 
 
 BUILDERS: dict[str, Callable[..., Path]] = {
-    "continued": continued_training, "permute": permute, "prune": prune_layers,
-    "vocab": vocab_reorder_truncate, "mixtral": mixtral_upcycle, "moge": moge_upcycle,
-    "bf16": resave, "independent": independent_matched,
+    "continued": continued_training,
+    "permute": permute,
+    "prune": prune_layers,
+    "vocab": vocab_reorder_truncate,
+    "mixtral": mixtral_upcycle,
+    "moge": moge_upcycle,
+    "bf16": resave,
+    "independent": independent_matched,
 }
 
 

@@ -113,4 +113,3 @@ def to_device_float(x: torch.Tensor, device: Device, non_blocking: bool = False)
 
 def bf16_to_float32(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
-

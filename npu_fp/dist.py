@@ -48,7 +48,9 @@ def torchrun_env() -> tuple[int, int, int] | None:
     try:
         return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     except ValueError as e:
-        raise ValueError(f"torchrun variables RANK/LOCAL_RANK/WORLD_SIZE must be integers: {e}") from e
+        raise ValueError(
+            f"torchrun variables RANK/LOCAL_RANK/WORLD_SIZE must be integers: {e}"
+        ) from e
 
 
 def backend_for(device: Device) -> str:

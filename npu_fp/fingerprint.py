@@ -38,6 +38,7 @@ from npu_fp.stats.moments import NUM_FIELDS, Moments
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Where each work item's rows live in the reduced table: slot of the whole, then its parts."""
@@ -70,7 +71,10 @@ def build_layout(plan: Plan, roles: dict[str, TensorRole]) -> Layout:
 
 def check_expectations(cfg: RunConfig, source: ModelSource, rolemap: RoleMap) -> None:
     exp = cfg.model
-    if exp.expect_arch and exp.expect_arch not in (source.architecture, source.config.get("model_type")):
+    if exp.expect_arch and exp.expect_arch not in (
+        source.architecture,
+        source.config.get("model_type"),
+    ):
         raise CheckpointError(
             f"{source.root}: preset expects architecture {exp.expect_arch!r} but config.json says "
             f"{source.architecture!r}; wrong model.path or wrong preset?"
@@ -84,22 +88,26 @@ def check_expectations(cfg: RunConfig, source: ModelSource, rolemap: RoleMap) ->
 
 def digest_words(digest: bytes) -> list[float]:
     """A 128-bit digest as four 32-bit words: exact in float64, so it travels in the table."""
-    return [float(int.from_bytes(digest[i:i + 4], "big")) for i in range(0, 16, 4)]
+    return [float(int.from_bytes(digest[i : i + 4], "big")) for i in range(0, 16, 4)]
 
 
 def words_digest(words: list[float]) -> bytes:
     return b"".join(int(w).to_bytes(4, "big") for w in words)
 
 
-def compute_table(ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap: RoleMap,
-                  layout: Layout) -> torch.Tensor:
+def compute_table(
+    ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap: RoleMap, layout: Layout
+) -> torch.Tensor:
     """This rank's slots of the table: moments of whole and parts, digest of each segment."""
     table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
     mine = layout.plan.assignment[ctx.rank]
     kernel = MomentKernel(ctx.device, cfg.stats.chunk_elems)
     my_bytes = sum(layout.plan.items[i].nbytes for i in mine)
-    progress = Progress(my_bytes * ctx.world_size, enabled=cfg.progress and ctx.is_main,
-                        label=Path(source.root).name)
+    progress = Progress(
+        my_bytes * ctx.world_size,
+        enabled=cfg.progress and ctx.is_main,
+        label=Path(source.root).name,
+    )
     with FileCache() as files:
         reader = RowReader(files)
         for i in mine:
@@ -118,8 +126,9 @@ def compute_table(ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap
     return table
 
 
-def finish_stats(layout: Layout, table: torch.Tensor, source: ModelSource,
-                 rolemap: RoleMap) -> list[TensorStats]:
+def finish_stats(
+    layout: Layout, table: torch.Tensor, source: ModelSource, rolemap: RoleMap
+) -> list[TensorStats]:
     """Rank 0: merge segments in order into one TensorStats per tensor and per fused part."""
     rows = table.tolist()
     merged: dict[str, list[Moments]] = {}
@@ -146,8 +155,15 @@ def finish_stats(layout: Layout, table: torch.Tensor, source: ModelSource,
     return out
 
 
-def signature_doc(cfg: RunConfig, source: ModelSource, rolemap: RoleMap, stats: list[TensorStats],
-                  skipped: list[str], name: str, device_type: str) -> dict:
+def signature_doc(
+    cfg: RunConfig,
+    source: ModelSource,
+    rolemap: RoleMap,
+    stats: list[TensorStats],
+    skipped: list[str],
+    name: str,
+    device_type: str,
+) -> dict:
     rows = [tensor_row(ts) for ts in sorted(stats, key=lambda t: (t.ref.name, t.part or ""))]
     content = xxhash.xxh3_128()
     for r in rows:
@@ -165,8 +181,9 @@ def signature_doc(cfg: RunConfig, source: ModelSource, rolemap: RoleMap, stats: 
         "experts_per_group": rolemap.experts_per_group,
         "num_tensors": len(source.tensors),
         "total_bytes": source.total_bytes,
-        "files": [{"name": f.name, "size": f.size, "header_sha256": f.header_sha256}
-                  for f in source.files],
+        "files": [
+            {"name": f.name, "size": f.size, "header_sha256": f.header_sha256} for f in source.files
+        ],
         "content_hash": content.hexdigest(),
     }
     return {
@@ -189,8 +206,9 @@ def signature_doc(cfg: RunConfig, source: ModelSource, rolemap: RoleMap, stats: 
     }
 
 
-def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir: Path,
-                      name: str | None = None) -> Signature | None:
+def fingerprint_model(
+    ctx: DistContext, cfg: RunConfig, model_path: str, out_dir: Path, name: str | None = None
+) -> Signature | None:
     """Collective over all ranks. Rank 0 writes and returns the Signature; dry runs return None."""
     t0 = time.perf_counter()
     source = open_model(model_path)
@@ -202,8 +220,10 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
     plan = make_plan(refs, rolemap.roles, world, cfg.plan.segment_bytes, cfg.plan.expert_groups)
     if cfg.dry_run:
         if ctx.is_main:
-            print(f"{source.root} ({source.architecture}, adapter {rolemap.arch}, "
-                  f"{rolemap.num_layers} layers, {rolemap.num_experts} experts)")
+            print(
+                f"{source.root} ({source.architecture}, adapter {rolemap.arch}, "
+                f"{rolemap.num_layers} layers, {rolemap.num_experts} experts)"
+            )
             print(format_plan(plan, sum(r.nbytes for r in refs)))
         return None
     layout = build_layout(plan, rolemap.roles)
@@ -216,9 +236,13 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
         log.error("rank %d failed: %s", ctx.rank, e)
         error = e
     main_raises_everywhere(ctx, error)
-    log.info("rank %d computed %d bytes in %.2f s; peak RSS %.0f MiB", ctx.rank,
-             sum(layout.plan.bytes_per_rank()[ctx.rank:ctx.rank + 1]), time.perf_counter() - t0,
-             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    log.info(
+        "rank %d computed %d bytes in %.2f s; peak RSS %.0f MiB",
+        ctx.rank,
+        sum(layout.plan.bytes_per_rank()[ctx.rank : ctx.rank + 1]),
+        time.perf_counter() - t0,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     table = reduce_rows_to_main(ctx, table)
     t_compute = time.perf_counter() - t_compute
     act = None
@@ -242,10 +266,18 @@ def fingerprint_model(ctx: DistContext, cfg: RunConfig, model_path: str, out_dir
         write_activation_outputs(act, out_dir)
     write_outputs(sig, out_dir)
     elapsed = time.perf_counter() - t0
-    log.info("%s: %.3f GiB in %.2f s (%.2f GB/s) -> %s", model_name, source.total_bytes / 2**30,
-             elapsed, source.total_bytes / 1e9 / max(elapsed, 1e-9), out_dir)
-    print(f"job: {model_name} bytes={source.total_bytes} seconds={elapsed:.3f} "
-          f"stream_seconds={t_compute:.3f}")
+    log.info(
+        "%s: %.3f GiB in %.2f s (%.2f GB/s) -> %s",
+        model_name,
+        source.total_bytes / 2**30,
+        elapsed,
+        source.total_bytes / 1e9 / max(elapsed, 1e-9),
+        out_dir,
+    )
+    print(
+        f"job: {model_name} bytes={source.total_bytes} seconds={elapsed:.3f} "
+        f"stream_seconds={t_compute:.3f}"
+    )
     return Signature(sig.doc, str(out_dir / "signature.json"))
 
 

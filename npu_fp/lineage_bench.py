@@ -71,32 +71,49 @@ def load_manifest(path: str | Path, models_dir: str | None) -> Manifest:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ManifestError(f"{p}: not valid JSON ({str(e)[:200]})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) \
-            or not isinstance(doc.get("pairs"), list):
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("models"), dict)
+        or not isinstance(doc.get("pairs"), list)
+    ):
         raise ManifestError(f"{p}: expected an object with 'models' (object) and 'pairs' (list)")
     models: dict[str, str | None] = {}
     missing: dict[str, str] = {}
     for mid, spec in doc["models"].items():
-        if not isinstance(spec, dict) or not (isinstance(spec.get("path"), str)
-                                              or isinstance(spec.get("hf"), str)):
+        if not isinstance(spec, dict) or not (
+            isinstance(spec.get("path"), str) or isinstance(spec.get("hf"), str)
+        ):
             raise ManifestError(f"{p}: model {mid!r}: expected {{'path': DIR}} or {{'hf': ID}}")
-        folder = Path(spec["path"]).expanduser() if isinstance(spec.get("path"), str) \
+        folder = (
+            Path(spec["path"]).expanduser()
+            if isinstance(spec.get("path"), str)
             else _hf_folder(models_dir, spec["hf"])
+        )
         if folder is not None and folder.is_dir():
             models[mid] = str(folder)
         else:
             models[mid] = None
-            missing[mid] = (f"{folder} not found" if folder is not None else
-                            "no path and no benchmark.models_dir to look its hf id up in")
+            missing[mid] = (
+                f"{folder} not found"
+                if folder is not None
+                else "no path and no benchmark.models_dir to look its hf id up in"
+            )
     pairs = []
     for k, entry in enumerate(doc["pairs"]):
-        if not isinstance(entry, dict) or entry.get("label") not in LABELS \
-                or entry.get("a") not in models or entry.get("b") not in models \
-                or entry.get("a") == entry.get("b"):
-            raise ManifestError(f"{p}: pair {k}: expected {{'a': ID, 'b': ID, 'label': "
-                                f"'related'|'independent'}} with two different ids from 'models'")
-        pairs.append(LabelledPair(entry["a"], entry["b"], entry["label"],
-                                  str(entry.get("note", ""))))
+        if (
+            not isinstance(entry, dict)
+            or entry.get("label") not in LABELS
+            or entry.get("a") not in models
+            or entry.get("b") not in models
+            or entry.get("a") == entry.get("b")
+        ):
+            raise ManifestError(
+                f"{p}: pair {k}: expected {{'a': ID, 'b': ID, 'label': "
+                f"'related'|'independent'}} with two different ids from 'models'"
+            )
+        pairs.append(
+            LabelledPair(entry["a"], entry["b"], entry["label"], str(entry.get("note", "")))
+        )
     if not pairs:
         raise ManifestError(f"{p}: no pairs")
     return Manifest(str(doc.get("source", p)), models, missing, tuple(pairs))
@@ -131,34 +148,62 @@ def evaluate(report: dict, manifest: Manifest, names: dict[str, str]) -> dict:
     rows, skipped = [], []
     for lp in manifest.pairs:
         if manifest.models[lp.a] is None or manifest.models[lp.b] is None:
-            skipped.append({"a": lp.a, "b": lp.b, "label": lp.label,
-                            "why": "; ".join(f"{m}: {manifest.missing[m]}" for m in (lp.a, lp.b)
-                                             if m in manifest.missing)})
+            skipped.append(
+                {
+                    "a": lp.a,
+                    "b": lp.b,
+                    "label": lp.label,
+                    "why": "; ".join(
+                        f"{m}: {manifest.missing[m]}" for m in (lp.a, lp.b) if m in manifest.missing
+                    ),
+                }
+            )
             continue
         p = by_names[frozenset((names[lp.a], names[lp.b]))]
         fams = {e["kind"]: e.get("log10_p") for e in p["evidence"] if e.get("decisive")}
-        rows.append({"a": lp.a, "b": lp.b, "label": lp.label, "verdict": p["verdict"],
-                     "log10_p": p["log10_p"], "families": fams, "reason": p["reason"],
-                     "decided_by": p.get("decided_by"), "note": lp.note})
+        rows.append(
+            {
+                "a": lp.a,
+                "b": lp.b,
+                "label": lp.label,
+                "verdict": p["verdict"],
+                "log10_p": p["log10_p"],
+                "families": fams,
+                "reason": p["reason"],
+                "decided_by": p.get("decided_by"),
+                "note": lp.note,
+            }
+        )
 
     def metrics(score_of) -> dict:
         pos = [score_of(r) for r in rows if r["label"] == "related"]
         neg = [score_of(r) for r in rows if r["label"] == "independent"]
-        return {"roc_auc": roc_auc(pos, neg), "tpr_at_fpr_1pct": tpr_at_fpr(pos, neg),
-                "related": len(pos), "independent": len(neg)}
+        return {
+            "roc_auc": roc_auc(pos, neg),
+            "tpr_at_fpr_1pct": tpr_at_fpr(pos, neg),
+            "related": len(pos),
+            "independent": len(neg),
+        }
 
     kinds = sorted({k for r in rows for k in r["families"]})
-    counts = {lab: {v: sum(1 for r in rows if r["label"] == lab and r["verdict"] == v)
-                    for v in ("related", "independent", "inconclusive")} for lab in LABELS}
+    counts = {
+        lab: {
+            v: sum(1 for r in rows if r["label"] == lab and r["verdict"] == v)
+            for v in ("related", "independent", "inconclusive")
+        }
+        for lab in LABELS
+    }
     return {
         "source": manifest.source,
         "overall": metrics(lambda r: _score(r["log10_p"])),
         "families": {k: metrics(lambda r, k=k: _score(r["families"].get(k))) for k in kinds},
         "verdicts": counts,
-        "false_positives": [r for r in rows if r["label"] == "independent"
-                            and r["verdict"] == "related"],
+        "false_positives": [
+            r for r in rows if r["label"] == "independent" and r["verdict"] == "related"
+        ],
         "missed": [r for r in rows if r["label"] == "related" and r["verdict"] != "related"],
-        "pairs": rows, "skipped": skipped,
+        "pairs": rows,
+        "skipped": skipped,
     }
 
 
@@ -168,12 +213,16 @@ def _fmt(x: float | None) -> str:
 
 def render(result: dict) -> str:
     o = result["overall"]
-    lines = [f"# Lineage benchmark: {result['source']}", "",
-             f"{o['related']} related and {o['independent']} independent pairs compared; "
-             f"{len(result['skipped'])} skipped (weights not available).", "",
-             "| score | ROC AUC | TPR at FPR 1 % |", "|---|---|---|",
-             f"| overall (combined decisive p) | {_fmt(o['roc_auc'])} | "
-             f"{_fmt(o['tpr_at_fpr_1pct'])} |"]
+    lines = [
+        f"# Lineage benchmark: {result['source']}",
+        "",
+        f"{o['related']} related and {o['independent']} independent pairs compared; "
+        f"{len(result['skipped'])} skipped (weights not available).",
+        "",
+        "| score | ROC AUC | TPR at FPR 1 % |",
+        "|---|---|---|",
+        f"| overall (combined decisive p) | {_fmt(o['roc_auc'])} | {_fmt(o['tpr_at_fpr_1pct'])} |",
+    ]
     for k, m in result["families"].items():
         lines.append(f"| `{k}` | {_fmt(m['roc_auc'])} | {_fmt(m['tpr_at_fpr_1pct'])} |")
     lines += ["", "| label | related | independent | inconclusive |", "|---|---|---|---|"]
@@ -194,25 +243,44 @@ def benchmark(cfg: RunConfig) -> Path:
     """The command body: compare the manifest's labelled pairs, write benchmark.json / .md."""
     manifest = load_manifest(cfg.benchmark.pairs or "", cfg.benchmark.models_dir)
     out = Path(cfg.out_dir)
-    ids = [m for m, path in manifest.models.items() if path is not None
-           and any(m in (lp.a, lp.b) for lp in manifest.pairs)]
+    ids = [
+        m
+        for m, path in manifest.models.items()
+        if path is not None and any(m in (lp.a, lp.b) for lp in manifest.pairs)
+    ]
     names = {m: f"m{k}:{Path(str(manifest.models[m])).name}" for k, m in enumerate(ids)}
-    wanted = {frozenset((names[lp.a], names[lp.b])) for lp in manifest.pairs
-              if lp.a in names and lp.b in names}
+    wanted = {
+        frozenset((names[lp.a], names[lp.b]))
+        for lp in manifest.pairs
+        if lp.a in names and lp.b in names
+    }
     with distributed(cfg.device) as ctx:
         setup_rank_logging(out, ctx.rank)
-        report = compare_models(ctx, cfg, [str(manifest.models[m]) for m in ids], [],
-                                out / "compare", [names[m] for m in ids], only=wanted) \
-            if wanted else None
+        report = (
+            compare_models(
+                ctx,
+                cfg,
+                [str(manifest.models[m]) for m in ids],
+                [],
+                out / "compare",
+                [names[m] for m in ids],
+                only=wanted,
+            )
+            if wanted
+            else None
+        )
         if not ctx.is_main:
             return out / "benchmark.json"
     doc = json.loads(report.read_text()) if report is not None else {"pairs": []}
     result = evaluate(doc, manifest, names)
     write_text_atomic(out / "benchmark.md", render(result))
-    path = write_text_atomic(out / "benchmark.json",
-                             json.dumps(result, indent=1, allow_nan=False) + "\n")
+    path = write_text_atomic(
+        out / "benchmark.json", json.dumps(result, indent=1, allow_nan=False) + "\n"
+    )
     o = result["overall"]
-    print(f"benchmark: {o['related']} related / {o['independent']} independent pairs; ROC AUC "
-          f"{_fmt(o['roc_auc'])}; TPR at FPR 1 % {_fmt(o['tpr_at_fpr_1pct'])}; "
-          f"{len(result['false_positives'])} false positives; report: {out / 'benchmark.md'}")
+    print(
+        f"benchmark: {o['related']} related / {o['independent']} independent pairs; ROC AUC "
+        f"{_fmt(o['roc_auc'])}; TPR at FPR 1 % {_fmt(o['tpr_at_fpr_1pct'])}; "
+        f"{len(result['false_positives'])} false positives; report: {out / 'benchmark.md'}"
+    )
     return path

@@ -91,9 +91,7 @@ def make_plan(
     units: dict[str, list[int]] = {}
     for i, it in enumerate(items):
         units.setdefault(it.bundle if it.bundle is not None else f"#{i}", []).append(i)
-    ordered = sorted(
-        units.values(), key=lambda idx: (-sum(items[i].nbytes for i in idx), idx[0])
-    )
+    ordered = sorted(units.values(), key=lambda idx: (-sum(items[i].nbytes for i in idx), idx[0]))
     loads = [0] * world_size
     owned: list[list[int]] = [[] for _ in range(world_size)]
     for idx in ordered:
@@ -104,14 +102,21 @@ def make_plan(
 
 
 def format_plan(plan: Plan, total_bytes: int) -> str:
-    lines = [f"plan: {len(plan.items)} work items over {plan.world_size} ranks, "
-             f"{total_bytes / 2**30:.3f} GiB"]
+    lines = [
+        f"plan: {len(plan.items)} work items over {plan.world_size} ranks, "
+        f"{total_bytes / 2**30:.3f} GiB"
+    ]
     for rank, (b, bundles, idx) in enumerate(
         zip(plan.bytes_per_rank(), plan.bundles_per_rank(), plan.assignment, strict=True)
     ):
         share = b / total_bytes if total_bytes else 0.0
         lines.append(
             f"  rank {rank}: {b / 2**30:9.3f} GiB ({share:6.1%}), {len(idx)} items, "
-            f"{len(bundles)} expert groups" + (f" [{', '.join(bundles[:4])}{', ...' if len(bundles) > 4 else ''}]" if bundles else "")
+            f"{len(bundles)} expert groups"
+            + (
+                f" [{', '.join(bundles[:4])}{', ...' if len(bundles) > 4 else ''}]"
+                if bundles
+                else ""
+            )
         )
     return "\n".join(lines)

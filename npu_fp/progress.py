@@ -10,9 +10,18 @@ from tqdm import tqdm
 class Progress:
     def __init__(self, total_bytes: int, enabled: bool, label: str) -> None:
         self._bar = (
-            tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                 file=sys.stderr, dynamic_ncols=True, mininterval=0.5, leave=False,
-                 disable=None)  # None: only on a terminal, never into CI logs
+            tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=label,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
+                leave=False,
+                disable=None,
+            )  # None: only on a terminal, never into CI logs
             if enabled and total_bytes > 0
             else None
         )

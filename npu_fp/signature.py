@@ -37,8 +37,27 @@ from npu_fp.io.validate import (
 FORMAT = "npu_fp.signature"
 SCHEMA_VERSION = 1
 CSV_COLUMNS = (
-    "name", "layer", "role", "expert", "group", "part", "dtype", "numel", "mean", "std", "rms",
-    "absmax", "max", "min", "l2", "kurtosis", "skew", "nan", "inf", "kind", "hash",
+    "name",
+    "layer",
+    "role",
+    "expert",
+    "group",
+    "part",
+    "dtype",
+    "numel",
+    "mean",
+    "std",
+    "rms",
+    "absmax",
+    "max",
+    "min",
+    "l2",
+    "kurtosis",
+    "skew",
+    "nan",
+    "inf",
+    "kind",
+    "hash",
 )
 
 
@@ -125,8 +144,23 @@ def load_signature(path: str | Path) -> Signature:
 
 
 ROW_INDICES = frozenset({"layer", "expert", "group"})
-ROW_NUMBERS = frozenset({"numel", "mean", "std", "rms", "absmax", "max",
-                         "min", "l2", "kurtosis", "skew", "nan", "inf", "norm_offset"})
+ROW_NUMBERS = frozenset(
+    {
+        "numel",
+        "mean",
+        "std",
+        "rms",
+        "absmax",
+        "max",
+        "min",
+        "l2",
+        "kurtosis",
+        "skew",
+        "nan",
+        "inf",
+        "norm_offset",
+    }
+)
 ROW_STRINGS = frozenset({"name", "role", "part", "kind", "dtype", "hash"})
 
 
@@ -149,49 +183,87 @@ def check_schema(doc: dict, where: str) -> None:
     ident = doc.get("identity")
     _need(isinstance(ident, dict), where, "'identity' must be an object")
     tensors, layers = doc.get("tensors"), doc.get("layers")
-    _need(isinstance(tensors, list) and all(isinstance(r, dict) for r in tensors), where,
-          "'tensors' must be a list of objects")
-    _need(isinstance(layers, list) and all(isinstance(r, dict) for r in layers), where,
-          "'layers' must be a list of objects")
+    _need(
+        isinstance(tensors, list) and all(isinstance(r, dict) for r in tensors),
+        where,
+        "'tensors' must be a list of objects",
+    )
+    _need(
+        isinstance(layers, list) and all(isinstance(r, dict) for r in layers),
+        where,
+        "'layers' must be a list of objects",
+    )
     _need(isinstance(ident.get("name"), str), where, "identity.name must be a string")
-    _need(ident.get("path") is None or isinstance(ident["path"], str), where,
-          "identity.path must be a string")
+    _need(
+        ident.get("path") is None or isinstance(ident["path"], str),
+        where,
+        "identity.path must be a string",
+    )
     # every layer and every expert has at least one tensor row: counts beyond that are forged,
     # and profiles allocate one slot per layer
     for key in ("num_layers", "num_experts", "experts_per_group"):
         v = ident.get(key)
-        _need(_is_int(v) and 0 <= v <= len(tensors), where,
-              f"identity.{key} must be an integer from 0 to {len(tensors)} (the tensor rows), "
-              f"got {str(v)[:40]}")
+        _need(
+            _is_int(v) and 0 <= v <= len(tensors),
+            where,
+            f"identity.{key} must be an integer from 0 to {len(tensors)} (the tensor rows), "
+            f"got {str(v)[:40]}",
+        )
     files = ident.get("files")
-    _need(isinstance(files, list) and all(
-        isinstance(f, dict) and isinstance(f.get("name"), str) and _is_int(f.get("size"))
-        and f["size"] >= 0 and isinstance(f.get("header_sha256"), str) for f in files),
-        where, "identity.files must list {name, size, header_sha256}")
+    _need(
+        isinstance(files, list)
+        and all(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and _is_int(f.get("size"))
+            and f["size"] >= 0
+            and isinstance(f.get("header_sha256"), str)
+            for f in files
+        ),
+        where,
+        "identity.files must list {name, size, header_sha256}",
+    )
     for i, r in enumerate(tensors):
         _need(isinstance(r.get("name"), str), where, f"tensors[{i}].name must be a string")
         for k, v in r.items():
             if k in ROW_INDICES:
-                _need(v is None or (_is_int(v) and v >= 0), where,
-                      f"tensors[{i}].{k} must be a non-negative integer or null")
+                _need(
+                    v is None or (_is_int(v) and v >= 0),
+                    where,
+                    f"tensors[{i}].{k} must be a non-negative integer or null",
+                )
             elif k in ROW_NUMBERS:
                 _need(v is None or _is_num(v), where, f"tensors[{i}].{k} must be a number or null")
             elif k in ROW_STRINGS:
                 _need(v is None or isinstance(v, str), where, f"tensors[{i}].{k} must be a string")
             elif k == "shape":
-                _need(isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v), where,
-                      f"tensors[{i}].shape must be a list of non-negative integers")
+                _need(
+                    isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v),
+                    where,
+                    f"tensors[{i}].shape must be a list of non-negative integers",
+                )
     for i, r in enumerate(layers):
         _need(isinstance(r.get("role"), str), where, f"layers[{i}].role must be a string")
-        _need(_is_int(r.get("layer")) and r["layer"] >= 0, where,
-              f"layers[{i}].layer must be a non-negative integer")
-        _need(r.get("group") is None or (_is_int(r["group"]) and r["group"] >= 0), where,
-              f"layers[{i}].group must be a non-negative integer or null")
+        _need(
+            _is_int(r.get("layer")) and r["layer"] >= 0,
+            where,
+            f"layers[{i}].layer must be a non-negative integer",
+        )
+        _need(
+            r.get("group") is None or (_is_int(r["group"]) and r["group"] >= 0),
+            where,
+            f"layers[{i}].group must be a non-negative integer or null",
+        )
         for k, v in r.items():
-            _need(k == "role" or v is None or _is_num(v), where,
-                  f"layers[{i}].{k} must be a number or null")
+            _need(
+                k == "role" or v is None or _is_num(v),
+                where,
+                f"layers[{i}].{k} must be a number or null",
+            )
     for key in ("settings", "activations"):
-        _need(doc.get(key) is None or isinstance(doc[key], dict), where, f"'{key}' must be an object")
+        _need(
+            doc.get(key) is None or isinstance(doc[key], dict), where, f"'{key}' must be an object"
+        )
 
 
 def rows_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

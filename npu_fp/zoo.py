@@ -33,7 +33,8 @@ BASE_SHAPE = {
 
 def default_zoo_dir() -> Path:
     root = os.environ.get("NPU_FP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "npu_fp")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "npu_fp"
+    )
     return Path(root) / f"zoo-v{ZOO_VERSION}"
 
 
@@ -48,17 +49,26 @@ def _layer_scale(layer: int, num_layers: int) -> float:
 
 def qwen2_config(shape: dict[str, int]) -> dict:
     return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
         **shape,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
     }
 
 
 def dense_tensors(shape: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
     """fp32 weights of a Qwen2-style model, init scales following depth like trained models do."""
     g = _gen(seed)
-    h, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    h, inter, n_layers = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["num_hidden_layers"],
+    )
     nh, nkv, vocab = shape["num_attention_heads"], shape["num_key_value_heads"], shape["vocab_size"]
     d = h // nh
 
@@ -86,8 +96,9 @@ def dense_tensors(shape: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
     return t
 
 
-def continued_training(base: dict[str, torch.Tensor], seed: int, rel_noise: float = 0.05,
-                       rank: int = 4) -> dict[str, torch.Tensor]:
+def continued_training(
+    base: dict[str, torch.Tensor], seed: int, rel_noise: float = 0.05, rank: int = 4
+) -> dict[str, torch.Tensor]:
     """Each tensor plus 5% relative Gaussian noise, and a low-rank drift on every matrix."""
     g = _gen(seed)
     out = {}
@@ -101,12 +112,21 @@ def continued_training(base: dict[str, torch.Tensor], seed: int, rel_noise: floa
     return out
 
 
-def moge_upcycle(base: dict[str, torch.Tensor], shape: dict[str, int], seed: int,
-                 num_experts: int = 16, num_groups: int = 8,
-                 rel_noise: float = 0.1) -> tuple[dict[str, torch.Tensor], dict]:
+def moge_upcycle(
+    base: dict[str, torch.Tensor],
+    shape: dict[str, int],
+    seed: int,
+    num_experts: int = 16,
+    num_groups: int = 8,
+    rel_noise: float = 0.1,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Pangu Pro MoE-style MoGE model upcycled from a dense base (release tensor names)."""
     g = _gen(seed)
-    h, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    h, inter, n_layers = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["num_hidden_layers"],
+    )
     slices = 4
     width = inter // slices
 
@@ -131,14 +151,24 @@ def moge_upcycle(base: dict[str, torch.Tensor], shape: dict[str, int], seed: int
         out[p + "mlp.shared_expert.up_proj.weight"] = noisy(up)
         out[p + "mlp.shared_expert.down_proj.weight"] = noisy(down)
     config = {
-        "architectures": ["PanguProMoEForCausalLM"], "model_type": "PanguProMoE",
-        "hidden_size": h, "num_hidden_layers": n_layers,
+        "architectures": ["PanguProMoEForCausalLM"],
+        "model_type": "PanguProMoE",
+        "hidden_size": h,
+        "num_hidden_layers": n_layers,
         "num_attention_heads": shape["num_attention_heads"],
-        "num_key_value_heads": shape["num_key_value_heads"], "vocab_size": shape["vocab_size"],
-        "moe_intermediate_size": width, "shared_expert_intermediate_size": inter,
-        "num_experts": num_experts, "num_experts_per_tok": num_groups, "num_groups": num_groups,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1.6e7,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+        "num_key_value_heads": shape["num_key_value_heads"],
+        "vocab_size": shape["vocab_size"],
+        "moe_intermediate_size": width,
+        "shared_expert_intermediate_size": inter,
+        "num_experts": num_experts,
+        "num_experts_per_tok": num_groups,
+        "num_groups": num_groups,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1.6e7,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
     }
     return out, config
 
@@ -165,19 +195,28 @@ def tokenizer_json(vocab_size: int) -> str:
         vocab[f"<extra_{i}>"] = i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
     return tok.to_str()
 
 
-def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,
-                     dtype: torch.dtype = torch.bfloat16, tokenizer: str | None = None) -> Path:
+def write_checkpoint(
+    out_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer: str | None = None,
+) -> Path:
     """config.json + model.safetensors (+ tokenizer.json), staged then renamed into place."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in sorted(tensors.items())},
-              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in sorted(tensors.items())},
+        str(tmp / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     if tokenizer is not None:
         (tmp / "tokenizer.json").write_text(tokenizer)
@@ -186,11 +225,20 @@ def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: di
     return out_dir
 
 
-def write_dense_base(out_dir: Path, seed: int = 0, shape: dict[str, int] | None = None,
-                     dtype: torch.dtype = torch.bfloat16) -> Path:
+def write_dense_base(
+    out_dir: Path,
+    seed: int = 0,
+    shape: dict[str, int] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     shape = shape or BASE_SHAPE
-    return write_checkpoint(out_dir, dense_tensors(shape, seed), qwen2_config(shape), dtype,
-                            tokenizer_json(shape["vocab_size"]))
+    return write_checkpoint(
+        out_dir,
+        dense_tensors(shape, seed),
+        qwen2_config(shape),
+        dtype,
+        tokenizer_json(shape["vocab_size"]),
+    )
 
 
 def build_demo_zoo(zoo_dir: Path, seed: int = 0) -> dict[str, Path]:
@@ -203,10 +251,15 @@ def build_demo_zoo(zoo_dir: Path, seed: int = 0) -> dict[str, Path]:
     tok = tokenizer_json(shape["vocab_size"])
     base = dense_tensors(shape, seed)
     write_checkpoint(paths["base"], base, qwen2_config(shape), tokenizer=tok)
-    write_checkpoint(paths["base-continued"], continued_training(base, seed + 1),
-                     qwen2_config(shape), tokenizer=tok)
+    write_checkpoint(
+        paths["base-continued"],
+        continued_training(base, seed + 1),
+        qwen2_config(shape),
+        tokenizer=tok,
+    )
     moe, moe_cfg = moge_upcycle(base, shape, seed + 2)
     write_checkpoint(paths["moge-upcycled"], moe, moe_cfg, tokenizer=tok)
-    write_checkpoint(paths["independent"], dense_tensors(shape, seed + 1000), qwen2_config(shape),
-                     tokenizer=tok)
+    write_checkpoint(
+        paths["independent"], dense_tensors(shape, seed + 1000), qwen2_config(shape), tokenizer=tok
+    )
     return paths

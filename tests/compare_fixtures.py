@@ -9,8 +9,12 @@ import torch
 from npu_fp import derive, zoo
 
 SHAPE = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
 }
 DERIVATIVES = ("continued", "permuted", "pruned", "vocab", "mixtral", "moge", "bf16")
 
@@ -40,13 +44,15 @@ def build_independents(root: Path, count: int, seed: int = 100) -> list[Path]:
     out = []
     for i in range(count):
         t = zoo.dense_tensors(SHAPE, seed + i)
-        out.append(zoo.write_checkpoint(root / f"indep{i}", t, zoo.qwen2_config(SHAPE),
-                                        torch.float32, tok))
+        out.append(
+            zoo.write_checkpoint(root / f"indep{i}", t, zoo.qwen2_config(SHAPE), torch.float32, tok)
+        )
     return out
 
 
-def run_compare(models: list[Path], out: Path, fingerprint_plots: bool = False,
-                **compare_kw: object) -> dict:
+def run_compare(
+    models: list[Path], out: Path, fingerprint_plots: bool = False, **compare_kw: object
+) -> dict:
     """The `npu-fp compare` body on one process; returns report.json as a dict.
 
     The fingerprint job's per-model profile figure is not under test here and costs most of a
@@ -61,10 +67,15 @@ def run_compare(models: list[Path], out: Path, fingerprint_plots: bool = False,
     from npu_fp.report import profile_plot
 
     signatures = compare_kw.pop("signatures", [])
-    cfg = RunConfig(command="compare", models=[str(m) for m in models],
-                    signatures=[str(s) for s in signatures],  # type: ignore[union-attr]
-                    out_dir=str(out), progress=False, device="cpu",
-                    compare=CompareConfig(**compare_kw))  # type: ignore[arg-type]
+    cfg = RunConfig(
+        command="compare",
+        models=[str(m) for m in models],
+        signatures=[str(s) for s in signatures],  # type: ignore[union-attr]
+        out_dir=str(out),
+        progress=False,
+        device="cpu",
+        compare=CompareConfig(**compare_kw),
+    )  # type: ignore[arg-type]
     with pytest.MonkeyPatch.context() as mp:
         if not fingerprint_plots:
             mp.setattr(profile_plot, "plot_profiles", lambda sigs, path, stat="std": path)
@@ -101,7 +112,7 @@ def qwen2_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
 
     def rope(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
     x = w["model.embed_tokens.weight"][ids]
@@ -110,12 +121,16 @@ def qwen2_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}."
         y = rms(x, w[p + "input_layernorm.weight"])
         q = (y @ w[p + "self_attn.q_proj.weight"].T + w[p + "self_attn.q_proj.bias"]).view(n, nh, d)
-        k = (y @ w[p + "self_attn.k_proj.weight"].T + w[p + "self_attn.k_proj.bias"]).view(n, nkv, d)
-        v = (y @ w[p + "self_attn.v_proj.weight"].T + w[p + "self_attn.v_proj.bias"]).view(n, nkv, d)
+        k = (y @ w[p + "self_attn.k_proj.weight"].T + w[p + "self_attn.k_proj.bias"]).view(
+            n, nkv, d
+        )
+        v = (y @ w[p + "self_attn.v_proj.weight"].T + w[p + "self_attn.v_proj.bias"]).view(
+            n, nkv, d
+        )
         q, k = rope(q.transpose(0, 1)), rope(k.transpose(0, 1))
         k = k.repeat_interleave(nh // nkv, 0)
         v = v.transpose(0, 1).repeat_interleave(nh // nkv, 0)
-        att = torch.softmax(q @ k.transpose(1, 2) / d ** 0.5 + mask, -1) @ v
+        att = torch.softmax(q @ k.transpose(1, 2) / d**0.5 + mask, -1) @ v
         x = x + att.transpose(0, 1).reshape(n, h) @ w[p + "self_attn.o_proj.weight"].T
         y = rms(x, w[p + "post_attention_layernorm.weight"])
         gate = torch.nn.functional.silu(y @ w[p + "mlp.gate_proj.weight"].T)

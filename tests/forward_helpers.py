@@ -29,7 +29,9 @@ def make_tokenizer(folder: Path, vocab_size: int = 120) -> Path:
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False
+    )
     tok.train_from_iterator(SENTENCES * 4, trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tokenizer.json"
@@ -40,8 +42,14 @@ def make_tokenizer(folder: Path, vocab_size: int = 120) -> Path:
 def tiny_config(family: str, layers: int = 2):
     import transformers as tf
 
-    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                  max_position_embeddings=64, initializer_range=0.1)
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+    )
     if family == "llama":
         return tf.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **common)
     if family == "qwen2":
@@ -49,24 +57,53 @@ def tiny_config(family: str, layers: int = 2):
     if family == "mistral":
         return tf.MistralConfig(intermediate_size=64, num_key_value_heads=2, **common)
     if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, head_dim=16,
-                                 num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                 **common)
+        return tf.Qwen3MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            head_dim=16,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        )
     if family == "qwen3":
         return tf.Qwen3Config(intermediate_size=64, num_key_value_heads=2, head_dim=16, **common)
     if family == "mixtral":
-        return tf.MixtralConfig(intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
-                                num_experts_per_tok=2, **common)
+        return tf.MixtralConfig(
+            intermediate_size=48,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        )
     if family == "qwen2_moe":
-        return tf.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24,
-                                 shared_expert_intermediate_size=48, num_key_value_heads=2,
-                                 num_experts=4, num_experts_per_tok=2, **common)
+        return tf.Qwen2MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=48,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        )
     if family == "deepseek_v3":
-        return tf.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16,
-                                   num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-                                   n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
-                                   kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                   v_head_dim=8, n_shared_experts=1, **common)
+        return tf.DeepseekV3Config(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_shared_experts=1,
+            **common,
+        )
     if family == "bert":
         return tf.BertConfig(intermediate_size=64, **common)
     raise KeyError(family)
@@ -80,7 +117,7 @@ def save_hf_model(family: str, folder: Path, layers: int = 2, seed: int = 0):
     cfg = tiny_config(family, layers)
     model = tf.BertModel(cfg) if family == "bert" else tf.AutoModelForCausalLM.from_config(cfg)
     if family == "deepseek_v3":  # a non-zero selection bias, so the buffer is really exercised
-        for layer in model.model.layers[cfg.first_k_dense_replace:]:
+        for layer in model.model.layers[cfg.first_k_dense_replace :]:
             layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts) * 0.05)
     model.eval()
     model.save_pretrained(folder)
@@ -94,20 +131,23 @@ def hf_layers(model) -> list:
 
 def reference_outputs(model, family: str, ids: torch.Tensor) -> dict:
     """Full-model forward with hooks: per layer residual / attn / mlp tensors and routing counts."""
-    attn_path, mlp_path = (("attention.output.dense", "output.dense") if family == "bert"
-                           else ("self_attn", "mlp"))
+    attn_path, mlp_path = (
+        ("attention.output.dense", "output.dense") if family == "bert" else ("self_attn", "mlp")
+    )
     out: dict = {"residual": {}, "attn": {}, "mlp": {}, "routing": {}}
     handles = []
 
     def keep(kind: str, i: int):
         def hook(_m, _a, o):
             out[kind][i] = (o[0] if isinstance(o, tuple) else o).detach().clone()
+
         return hook
 
     def route(i: int):
         def hook(_m, _a, o):
             counts = torch.bincount(o[2].reshape(-1), minlength=o[0].shape[-1])
             out["routing"][i] = out["routing"].get(i, 0) + counts
+
         return hook
 
     for i, layer in enumerate(hf_layers(model)):
@@ -129,11 +169,22 @@ def reference_outputs(model, family: str, ids: torch.Tensor) -> dict:
 # -- Pangu Pro MoE: a checkpoint with the release's tensor names and a direct reference forward ----
 
 PANGU_CONFIG = {
-    "architectures": ["PanguProMoEForCausalLM"], "model_type": "PanguProMoE", "vocab_size": 128,
-    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "num_experts": 8,
-    "num_experts_per_tok": 4, "rope_theta": 1.6e7, "max_position_embeddings": 64,
-    "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
+    "architectures": ["PanguProMoEForCausalLM"],
+    "model_type": "PanguProMoE",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 24,
+    "num_experts": 8,
+    "num_experts_per_tok": 4,
+    "rope_theta": 1.6e7,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
 }
 
 
@@ -141,13 +192,20 @@ def pangu_tensors(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     h, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = h // nh
-    e, ie, i_s = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
+    e, ie, i_s = (
+        cfg["num_experts"],
+        cfg["moe_intermediate_size"],
+        cfg["shared_expert_intermediate_size"],
+    )
 
     def r(*shape: int, std: float = 0.1) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std
 
-    t = {"model.embed_tokens.weight": r(cfg["vocab_size"], h, std=1.0),
-         "model.norm.weight": 1 + r(h), "lm_head.weight": r(cfg["vocab_size"], h)}
+    t = {
+        "model.embed_tokens.weight": r(cfg["vocab_size"], h, std=1.0),
+        "model.norm.weight": 1 + r(h),
+        "lm_head.weight": r(cfg["vocab_size"], h),
+    }
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         for name, rows in (("q", nh * d), ("k", nkv * d), ("v", nkv * d)):
@@ -189,7 +247,7 @@ def release_routing(logits: torch.Tensor, groups: int) -> tuple[torch.Tensor, to
     w = torch.empty(probs.shape[0], groups)
     for t in range(probs.shape[0]):
         for g in range(groups):
-            block = probs[t, g * size:(g + 1) * size].tolist()
+            block = probs[t, g * size : (g + 1) * size].tolist()
             best = max(range(size), key=lambda j: (block[j], -j))  # first maximum wins
             idx[t, g] = g * size + best
             w[t, g] = block[best]
@@ -201,8 +259,10 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _mlp(x: torch.Tensor, t: dict, p: str) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, t[p + "gate_proj.weight"])) * F.linear(x, t[p + "up_proj.weight"]),
-                    t[p + "down_proj.weight"])
+    return F.linear(
+        F.silu(F.linear(x, t[p + "gate_proj.weight"])) * F.linear(x, t[p + "up_proj.weight"]),
+        t[p + "down_proj.weight"],
+    )
 
 
 def pangu_reference(cfg: dict, t: dict, ids: torch.Tensor) -> dict:
@@ -216,7 +276,7 @@ def pangu_reference(cfg: dict, t: dict, ids: torch.Tensor) -> dict:
     cos, sin = emb.cos()[None, None], emb.sin()[None, None]
 
     def rot(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
+        return torch.cat((-x[..., d // 2 :], x[..., : d // 2]), dim=-1)
 
     mask = torch.full((s, s), float("-inf")).triu(1)
     x = t["model.embed_tokens.weight"][ids]
@@ -224,11 +284,17 @@ def pangu_reference(cfg: dict, t: dict, ids: torch.Tensor) -> dict:
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         a = _rms(x, t[p + "input_layernorm.weight"], eps)
-        q, k, v = (F.linear(a, t[p + f"self_attn.{n}_proj.weight"], t[p + f"self_attn.{n}_proj.bias"])
-                   .view(b, s, -1, d).transpose(1, 2) for n in "qkv")
+        q, k, v = (
+            F.linear(a, t[p + f"self_attn.{n}_proj.weight"], t[p + f"self_attn.{n}_proj.bias"])
+            .view(b, s, -1, d)
+            .transpose(1, 2)
+            for n in "qkv"
+        )
         q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         k, v = (z.repeat_interleave(nh // nkv, dim=1) for z in (k, v))
-        att = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(d) + mask, dim=-1, dtype=torch.float32)
+        att = torch.softmax(
+            q @ k.transpose(2, 3) / math.sqrt(d) + mask, dim=-1, dtype=torch.float32
+        )
         o = (att @ v).transpose(1, 2).reshape(b, s, h)
         o = F.linear(o, t[p + "self_attn.o_proj.weight"], t[p + "self_attn.o_proj.bias"])
         x = x + o
@@ -249,6 +315,7 @@ def pangu_reference(cfg: dict, t: dict, ids: torch.Tensor) -> dict:
 
 # -- torchrun worker ------------------------------------------------------------------------------
 
+
 def activation_runs(ctx, model_dir: str) -> dict | None:
     """The activation step in data and pipeline mode; rank 0 gets {mode: result dict}."""
     from npu_fp.activations import run_activations
@@ -258,8 +325,15 @@ def activation_runs(ctx, model_dir: str) -> dict | None:
     results = {}
     source = open_model(model_dir)
     for mode in ("data", "pipeline"):
-        cfg = ActivationsConfig(batch_size=2, seq_len=16, num_batches=5, seed=3, mode=mode,
-                                pass_batches=2, layers_per_block=1)
+        cfg = ActivationsConfig(
+            batch_size=2,
+            seq_len=16,
+            num_batches=5,
+            seed=3,
+            mode=mode,
+            pass_batches=2,
+            layers_per_block=1,
+        )
         res = run_activations(ctx, cfg, source.root, source)
         if res is not None:
             results[mode] = {"rows": res.rows, "routing": res.routing, "settings": res.settings}

@@ -49,8 +49,15 @@ PRE = ["norm.input", "norm.post_attn"]
 SANDWICH = ["norm.input", "norm.attn_out", "norm.post_attn", "norm.mlp_out"]
 MLP = ["mlp.gate", "mlp.up", "mlp.down"]
 SHARED = ["moe.shared.gate", "moe.shared.up", "moe.shared.down"]
-MLA_Q_LORA = ["attn.q_a", "attn.q_a_norm", "attn.q_b", "attn.kv_a", "attn.kv_a_norm",
-              "attn.kv_b", "attn.o"]
+MLA_Q_LORA = [
+    "attn.q_a",
+    "attn.q_a_norm",
+    "attn.q_b",
+    "attn.kv_a",
+    "attn.kv_a_norm",
+    "attn.kv_b",
+    "attn.o",
+]
 MLA_NO_LORA = ["attn.q", "attn.kv_a", "attn.kv_a_norm", "attn.kv_b", "attn.o"]
 HF_GLOBAL = ["embed.tok", "norm.final", "head.lm"]
 
@@ -74,48 +81,139 @@ EXPECTED: dict[str, tuple] = {
     "llama": ("llama", c(ATTN, PRE, MLP), HF_GLOBAL, 0, 0, 0),
     "mistral": ("llama", c(ATTN, PRE, MLP), HF_GLOBAL, 0, 0, 0),
     "qwen2": ("qwen2", c(ATTN, QKV_BIAS, PRE, MLP), HF_GLOBAL, 0, 0, 0),
-    "qwen2_moe": ("qwen2_moe", first_dense(
-        c(ATTN, QKV_BIAS, PRE, MLP),
-        c(ATTN, QKV_BIAS, PRE, ["moe.router", "moe.shared_gate"], SHARED, extra=experts(4))),
-        HF_GLOBAL, 0, 4, 0),
+    "qwen2_moe": (
+        "qwen2_moe",
+        first_dense(
+            c(ATTN, QKV_BIAS, PRE, MLP),
+            c(ATTN, QKV_BIAS, PRE, ["moe.router", "moe.shared_gate"], SHARED, extra=experts(4)),
+        ),
+        HF_GLOBAL,
+        0,
+        4,
+        0,
+    ),
     "qwen3": ("qwen3", c(ATTN, ["attn.q_norm", "attn.k_norm"], PRE, MLP), HF_GLOBAL, 0, 0, 0),
-    "qwen3_moe": ("qwen3_moe", c(ATTN, ["attn.q_norm", "attn.k_norm"], PRE, ["moe.router"],
-                                 extra=experts(4)), HF_GLOBAL, 0, 4, 0),
+    "qwen3_moe": (
+        "qwen3_moe",
+        c(ATTN, ["attn.q_norm", "attn.k_norm"], PRE, ["moe.router"], extra=experts(4)),
+        HF_GLOBAL,
+        0,
+        4,
+        0,
+    ),
     "mixtral": ("mixtral", c(ATTN, PRE, ["moe.router"], extra=experts(4)), HF_GLOBAL, 0, 4, 0),
-    "deepseek_v2": ("deepseek", first_dense(
-        c(MLA_NO_LORA, PRE, MLP), c(MLA_NO_LORA, PRE, ["moe.router"], SHARED, extra=experts(4))),
-        HF_GLOBAL, 0, 4, 0),
-    "deepseek_v3": ("deepseek", first_dense(
-        c(MLA_Q_LORA, PRE, MLP),
-        c(MLA_Q_LORA, PRE, ["moe.router", "moe.router_bias"], SHARED, extra=experts(4))),
-        HF_GLOBAL, 0, 4, 0),
-    "deepseek_v3_fp8": ("deepseek", first_dense(
-        c(MLA_Q_LORA, PRE, MLP),
-        c(MLA_Q_LORA, PRE, ["moe.router", "moe.router_bias"], SHARED, extra=experts(4))),
-        HF_GLOBAL, 0, 4, 0),
-    "pangu_pro_moe": ("pangu_pro_moe", c(ATTN, QKV_BIAS, ["attn.o_bias"], PRE,
-                                         ["moe.router", "moe.router_scale"], SHARED,
-                                         extra=experts(16)), HF_GLOBAL, 0, 16, 2),
-    "openpangu_dense": ("openpangu_dense", c(ATTN, QKV_BIAS, ["attn.o_bias"], PRE, MLP),
-                        HF_GLOBAL, 0, 0, 0),
-    "openpangu_dense_sandwich": ("openpangu_dense", c(ATTN, QKV_BIAS, ["attn.o_bias"], SANDWICH,
-                                                      MLP), HF_GLOBAL, 0, 0, 0),
+    "deepseek_v2": (
+        "deepseek",
+        first_dense(
+            c(MLA_NO_LORA, PRE, MLP), c(MLA_NO_LORA, PRE, ["moe.router"], SHARED, extra=experts(4))
+        ),
+        HF_GLOBAL,
+        0,
+        4,
+        0,
+    ),
+    "deepseek_v3": (
+        "deepseek",
+        first_dense(
+            c(MLA_Q_LORA, PRE, MLP),
+            c(MLA_Q_LORA, PRE, ["moe.router", "moe.router_bias"], SHARED, extra=experts(4)),
+        ),
+        HF_GLOBAL,
+        0,
+        4,
+        0,
+    ),
+    "deepseek_v3_fp8": (
+        "deepseek",
+        first_dense(
+            c(MLA_Q_LORA, PRE, MLP),
+            c(MLA_Q_LORA, PRE, ["moe.router", "moe.router_bias"], SHARED, extra=experts(4)),
+        ),
+        HF_GLOBAL,
+        0,
+        4,
+        0,
+    ),
+    "pangu_pro_moe": (
+        "pangu_pro_moe",
+        c(
+            ATTN,
+            QKV_BIAS,
+            ["attn.o_bias"],
+            PRE,
+            ["moe.router", "moe.router_scale"],
+            SHARED,
+            extra=experts(16),
+        ),
+        HF_GLOBAL,
+        0,
+        16,
+        2,
+    ),
+    "openpangu_dense": (
+        "openpangu_dense",
+        c(ATTN, QKV_BIAS, ["attn.o_bias"], PRE, MLP),
+        HF_GLOBAL,
+        0,
+        0,
+        0,
+    ),
+    "openpangu_dense_sandwich": (
+        "openpangu_dense",
+        c(ATTN, QKV_BIAS, ["attn.o_bias"], SANDWICH, MLP),
+        HF_GLOBAL,
+        0,
+        0,
+        0,
+    ),
     "baichuan2": ("baichuan", c(["attn.qkv", "attn.o"], PRE, MLP), HF_GLOBAL, 0, 0, 0),
-    "gpt2": ("gpt2", c(["attn.qkv", "attn.qkv_bias", "attn.o", "mlp.up", "mlp.down"],
-                       LINEAR_BIASES, PRE, ["norm.input_bias", "norm.post_attn_bias"]),
-             ["embed.tok", "embed.pos", "norm.final", "norm.final_bias"], 3, 0, 0),
-    "bert": ("bert", c(ATTN, QKV_BIAS, LINEAR_BIASES, ["mlp.up", "mlp.down"],
-                       ["norm.post_attn", "norm.post_attn_bias", "norm.mlp_out",
-                        "norm.mlp_out_bias"]),
-             ["embed.tok", "embed.pos", "embed.type", "embed.norm", "embed.norm_bias", "pooler",
-              "pooler_bias"], 8, 0, 0),
+    "gpt2": (
+        "gpt2",
+        c(
+            ["attn.qkv", "attn.qkv_bias", "attn.o", "mlp.up", "mlp.down"],
+            LINEAR_BIASES,
+            PRE,
+            ["norm.input_bias", "norm.post_attn_bias"],
+        ),
+        ["embed.tok", "embed.pos", "norm.final", "norm.final_bias"],
+        3,
+        0,
+        0,
+    ),
+    "bert": (
+        "bert",
+        c(
+            ATTN,
+            QKV_BIAS,
+            LINEAR_BIASES,
+            ["mlp.up", "mlp.down"],
+            ["norm.post_attn", "norm.post_attn_bias", "norm.mlp_out", "norm.mlp_out_bias"],
+        ),
+        [
+            "embed.tok",
+            "embed.pos",
+            "embed.type",
+            "embed.norm",
+            "embed.norm_bias",
+            "pooler",
+            "pooler_bias",
+        ],
+        8,
+        0,
+        0,
+    ),
     "internlm2": ("internlm2", c(["attn.qkv", "attn.o"], PRE, MLP), HF_GLOBAL, 0, 0, 0),
-    "phi3": ("phi3", c(["attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"], PRE), HF_GLOBAL,
-             0, 0, 0),
+    "phi3": ("phi3", c(["attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"], PRE), HF_GLOBAL, 0, 0, 0),
     "gemma": ("gemma", c(ATTN, PRE, MLP), HF_GLOBAL[:2], 0, 0, 0),
     "gemma2": ("gemma2", c(ATTN, SANDWICH, MLP), HF_GLOBAL[:2], 0, 0, 0),
-    "gemma3": ("gemma3", c(ATTN, ["attn.q_norm", "attn.k_norm"], SANDWICH, MLP), HF_GLOBAL[:2],
-               0, 0, 0),
+    "gemma3": (
+        "gemma3",
+        c(ATTN, ["attn.q_norm", "attn.k_norm"], SANDWICH, MLP),
+        HF_GLOBAL[:2],
+        0,
+        0,
+        0,
+    ),
     "qwen2_vl": ("qwen2", c(ATTN, QKV_BIAS, PRE, MLP), HF_GLOBAL, 31, 0, 0),
     "qwen2_5_vl": ("qwen2", c(ATTN, QKV_BIAS, PRE, MLP), HF_GLOBAL, 30, 0, 0),
 }
@@ -186,8 +284,15 @@ def test_internlm2_grouped_wqkv_split(tmp_path: Path) -> None:
     name = "model.layers.1.attention.wqkv.weight"
     role, t = _fused_case("internlm2", name, grouped.reshape(-1, h), tmp_path)
     assert role.role == "attn.qkv"
-    _assert_parts(role.parts, t, {"q": ("attn.q", 1.0, 4 * d * h), "k": ("attn.k", 2.0, 2 * d * h),
-                                  "v": ("attn.v", 3.0, 2 * d * h)})
+    _assert_parts(
+        role.parts,
+        t,
+        {
+            "q": ("attn.q", 1.0, 4 * d * h),
+            "k": ("attn.k", 2.0, 2 * d * h),
+            "v": ("attn.v", 3.0, 2 * d * h),
+        },
+    )
     assert len(role.parts[0].ranges) == nkv  # q is one row range per KV group
     # The trap: a contiguous split would call rows 16..32 "q", but they hold k and v of group 0.
     assert set(t[16:32].unique().tolist()) == {2.0, 3.0}
@@ -197,22 +302,30 @@ def test_phi3_qkv_and_gate_up_split(tmp_path: Path) -> None:
     q, kv, h, inter = 32, 16, 32, 64
     qkv = torch.cat([torch.full((q, h), 1.0), torch.full((kv, h), 2.0), torch.full((kv, h), 3.0)])
     role, t = _fused_case("phi3", "model.layers.2.self_attn.qkv_proj.weight", qkv, tmp_path)
-    _assert_parts(role.parts, t, {"q": ("attn.q", 1.0, q * h), "k": ("attn.k", 2.0, kv * h),
-                                  "v": ("attn.v", 3.0, kv * h)})
+    _assert_parts(
+        role.parts,
+        t,
+        {"q": ("attn.q", 1.0, q * h), "k": ("attn.k", 2.0, kv * h), "v": ("attn.v", 3.0, kv * h)},
+    )
     gate_up = torch.cat([torch.full((inter, h), 4.0), torch.full((inter, h), 5.0)])
-    role, t = _fused_case("phi3", "model.layers.0.mlp.gate_up_proj.weight", gate_up,
-                          tmp_path / "gu")
+    role, t = _fused_case(
+        "phi3", "model.layers.0.mlp.gate_up_proj.weight", gate_up, tmp_path / "gu"
+    )
     assert role.role == "mlp.gate_up"
-    _assert_parts(role.parts, t, {"gate": ("mlp.gate", 4.0, inter * h),
-                                  "up": ("mlp.up", 5.0, inter * h)})
+    _assert_parts(
+        role.parts, t, {"gate": ("mlp.gate", 4.0, inter * h), "up": ("mlp.up", 5.0, inter * h)}
+    )
 
 
 def test_baichuan_w_pack_split(tmp_path: Path) -> None:
     h = 32
     w = torch.cat([torch.full((h, h), float(i)) for i in (1, 2, 3)])
     role, t = _fused_case("baichuan2", "model.layers.0.self_attn.W_pack.weight", w, tmp_path)
-    _assert_parts(role.parts, t, {"q": ("attn.q", 1.0, h * h), "k": ("attn.k", 2.0, h * h),
-                                  "v": ("attn.v", 3.0, h * h)})
+    _assert_parts(
+        role.parts,
+        t,
+        {"q": ("attn.q", 1.0, h * h), "k": ("attn.k", 2.0, h * h), "v": ("attn.v", 3.0, h * h)},
+    )
 
 
 def test_gpt2_c_attn_splits_columns(tmp_path: Path) -> None:
@@ -220,13 +333,19 @@ def test_gpt2_c_attn_splits_columns(tmp_path: Path) -> None:
     w = torch.cat([torch.full((h, h), float(i)) for i in (1, 2, 3)], dim=1)  # Conv1D [H, 3H]
     role, t = _fused_case("gpt2", "h.1.attn.c_attn.weight", w, tmp_path)
     assert role.transposed and all(p.dim == 1 for p in role.parts)
-    _assert_parts(role.parts, t, {"q": ("attn.q", 1.0, h * h), "k": ("attn.k", 2.0, h * h),
-                                  "v": ("attn.v", 3.0, h * h)})
+    _assert_parts(
+        role.parts,
+        t,
+        {"q": ("attn.q", 1.0, h * h), "k": ("attn.k", 2.0, h * h), "v": ("attn.v", 3.0, h * h)},
+    )
     b = torch.cat([torch.full((h,), float(i)) for i in (1, 2, 3)])
     role, t = _fused_case("gpt2", "h.1.attn.c_attn.bias", b, tmp_path / "bias")
     assert role.role == "attn.qkv_bias" and not role.transposed
-    _assert_parts(role.parts, t, {"q": ("attn.q_bias", 1.0, h), "k": ("attn.k_bias", 2.0, h),
-                                  "v": ("attn.v_bias", 3.0, h)})
+    _assert_parts(
+        role.parts,
+        t,
+        {"q": ("attn.q_bias", 1.0, h), "k": ("attn.k_bias", 2.0, h), "v": ("attn.v_bias", 3.0, h)},
+    )
 
 
 def test_gpt2_orientation_and_buffers() -> None:
@@ -251,8 +370,11 @@ def test_gpt2_orientation_and_buffers() -> None:
         ("phi3", {"num_key_value_heads": 4}, "model.layers.0.self_attn.qkv_proj.weight"),
         ("phi3", {"intermediate_size": 48}, "model.layers.0.mlp.gate_up_proj.weight"),
         ("internlm2", {"head_dim": 4}, "model.layers.0.attention.wqkv.weight"),
-        ("baichuan2", {"num_attention_heads": 2, "head_dim": 8},
-         "model.layers.0.self_attn.W_pack.weight"),
+        (
+            "baichuan2",
+            {"num_attention_heads": 2, "head_dim": 8},
+            "model.layers.0.self_attn.W_pack.weight",
+        ),
         ("gpt2", {"n_head": 4, "head_dim": 4}, "h.0.attn.c_attn.weight"),
     ],
 )
@@ -278,7 +400,8 @@ def test_layer_indices_above_nine(tmp_path: Path) -> None:
     config, shapes = read_checkpoint(path)
     names = list(shapes)
     assert names.index("model.layers.10.mlp.up_proj.weight") < names.index(
-        "model.layers.2.mlp.up_proj.weight"), "header order is lexicographic"
+        "model.layers.2.mlp.up_proj.weight"
+    ), "header order is lexicographic"
     rm = map_roles(config, shapes)
     assert rm.num_layers == 12 and rm.unmapped == ()
     for layer in range(12):
@@ -305,8 +428,9 @@ def test_moe_expert_and_group_indices(written: dict[str, Path]) -> None:
     assert rm.roles["model.layers.2.self_attn.o_proj.bias"].role == "attn.o_bias"
 
 
-@pytest.mark.parametrize(("override", "epg"), [({"num_groups": 4}, 4),
-                                               ({"experts_per_group": 8}, 8)])
+@pytest.mark.parametrize(
+    ("override", "epg"), [({"num_groups": 4}, 4), ({"experts_per_group": 8}, 8)]
+)
 def test_pangu_group_size_from_config(override: dict, epg: int) -> None:
     config, shapes = family_spec("pangu_pro_moe")
     rm = map_roles({**config, **override}, shapes)
@@ -322,10 +446,15 @@ def test_pangu_bad_group_count_raises() -> None:
 
 def test_mixtral_w2_is_down() -> None:
     rm = map_roles(*family_spec("mixtral"))
-    w = {k: rm.roles[f"model.layers.2.block_sparse_moe.experts.3.{k}.weight"] for k in
-         ("w1", "w2", "w3")}
+    w = {
+        k: rm.roles[f"model.layers.2.block_sparse_moe.experts.3.{k}.weight"]
+        for k in ("w1", "w2", "w3")
+    }
     assert [w[k].role for k in ("w1", "w2", "w3")] == [
-        "moe.expert.gate", "moe.expert.down", "moe.expert.up"]
+        "moe.expert.gate",
+        "moe.expert.down",
+        "moe.expert.up",
+    ]
     assert {(r.layer, r.expert) for r in w.values()} == {(2, 3)}
 
 
@@ -350,16 +479,22 @@ def test_deepseek_mtp_scales_and_selection_bias(written: dict[str, Path]) -> Non
     assert rm.roles["model.layers.3.eh_proj.weight_scale_inv"].kind == "scale"
     assert rm.roles["model.layers.1.mlp.gate.e_score_correction_bias"].role == "moe.router_bias"
     assert rm.roles["model.layers.0.mlp.gate_proj.weight"].role == "mlp.gate"  # dense layer
-    assert load_tensor(written["deepseek_v3_fp8"], "model.layers.1.mlp.experts.0.up_proj.weight"
-                       ).dtype == torch.float8_e4m3fn
+    assert (
+        load_tensor(written["deepseek_v3_fp8"], "model.layers.1.mlp.experts.0.up_proj.weight").dtype
+        == torch.float8_e4m3fn
+    )
 
 
 def test_openpangu_moe_selection_bias_name() -> None:
     config, shapes = family_spec("deepseek_v3")
-    moved = {k.replace("mlp.gate.e_score_correction_bias", "mlp.e_score_correction_bias"): v
-             for k, v in shapes.items()}
-    rm = map_roles({**config, "architectures": ["PanguUltraMoEForCausalLM"],
-                    "model_type": "pangu_ultra_moe"}, moved)
+    moved = {
+        k.replace("mlp.gate.e_score_correction_bias", "mlp.e_score_correction_bias"): v
+        for k, v in shapes.items()
+    }
+    rm = map_roles(
+        {**config, "architectures": ["PanguUltraMoEForCausalLM"], "model_type": "pangu_ultra_moe"},
+        moved,
+    )
     assert rm.unmapped == ()
     assert rm.roles["model.layers.2.mlp.e_score_correction_bias"].role == "moe.router_bias"
 
@@ -384,8 +519,10 @@ def test_norm_semantics_follow_config() -> None:
     plain = map_roles(*family_spec("openpangu_dense"))
     sandwich = map_roles(*family_spec("openpangu_dense_sandwich"))
     name = "model.layers.1.post_attention_layernorm.weight"
-    assert (plain.roles[name].role, sandwich.roles[name].role) == ("norm.post_attn",
-                                                                   "norm.attn_out")
+    assert (plain.roles[name].role, sandwich.roles[name].role) == (
+        "norm.post_attn",
+        "norm.attn_out",
+    )
     assert sandwich.roles["model.layers.1.pre_mlp_layernorm.weight"].role == "norm.post_attn"
     assert sandwich.roles["model.layers.1.post_mlp_layernorm.weight"].role == "norm.mlp_out"
     # openPangu without sandwich_norm has no pre_mlp_layernorm: reported, not guessed
@@ -407,8 +544,12 @@ def test_gemma_norm_offset(family: str) -> None:
 
 def test_bert_old_names_and_no_prefix() -> None:
     config, shapes = family_spec("bert")
-    old = {k.removeprefix("bert.").replace("LayerNorm.weight", "LayerNorm.gamma")
-           .replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in shapes.items()}
+    old = {
+        k.removeprefix("bert.")
+        .replace("LayerNorm.weight", "LayerNorm.gamma")
+        .replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in shapes.items()
+    }
     rm = map_roles(config, old)
     assert rm.unmapped == ()
     assert rm.roles["encoder.layer.2.attention.output.LayerNorm.gamma"].role == "norm.post_attn"
@@ -439,7 +580,8 @@ def test_unknown_architecture_falls_back_and_lists_unmapped(
     assert (rm.roles[odd[1]].role, rm.roles[odd[1]].layer) == ("other", None)
     for layer in range(3):  # the Llama-style names themselves are understood
         assert layer_roles(rm, layer) == Counter(ATTN + PRE + MLP) + (
-            Counter({"other": 1}) if layer == 2 else Counter())
+            Counter({"other": 1}) if layer == 2 else Counter()
+        )
 
 
 def test_fallback_keeps_fused_whole_and_says_so() -> None:
@@ -470,8 +612,9 @@ def test_model_type_selects_adapter_without_architectures() -> None:
 # ---- multimodal scoping ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "tower", "count"), [("qwen2_vl", "visual.", 31),
-                                                        ("qwen2_5_vl", "model.visual.", 30)])
+@pytest.mark.parametrize(
+    ("family", "tower", "count"), [("qwen2_vl", "visual.", 31), ("qwen2_5_vl", "model.visual.", 30)]
+)
 def test_vl_towers_are_aux(family: str, tower: str, count: int, written: dict[str, Path]) -> None:
     config, shapes = read_checkpoint(written[family])
     rm = map_roles(config, shapes)
@@ -492,11 +635,16 @@ def test_lm_prefix_override() -> None:
 def test_llava_style_prefix_with_colliding_tower_layers() -> None:
     text, shapes = family_spec("llama")
     lm = {"language_model." + k: v for k, v in shapes.items()}
-    tower = {f"vision_tower.vision_model.encoder.layers.{i}.self_attn.q_proj.weight": (16, 16)
-             for i in range(5)}  # a second `layers.N` stack, deeper than the LM
+    tower = {
+        f"vision_tower.vision_model.encoder.layers.{i}.self_attn.q_proj.weight": (16, 16)
+        for i in range(5)
+    }  # a second `layers.N` stack, deeper than the LM
     projector = {"multi_modal_projector.linear_1.weight": (32, 16)}
-    config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-              "text_config": {k: v for k, v in text.items() if k != "architectures"}}
+    config = {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "text_config": {k: v for k, v in text.items() if k != "architectures"},
+    }
     rm = map_roles(config, lm | tower | projector)
     assert rm.arch == "llama" and rm.num_layers == 3 and rm.unmapped == ()
     assert all(rm.roles[n].kind == "aux" and rm.roles[n].layer is None for n in tower | projector)
@@ -514,19 +662,37 @@ def test_llava_style_prefix_with_colliding_tower_layers() -> None:
 # model: GPT-2 mask buffers `attn.bias` and the hub's unprefixed names (transformers saves
 # `transformer.`); BERT's `position_ids` buffer; DeepSeek-V3's MTP layer; and Qwen2.5-VL, which
 # transformers 5 saves in the legacy `model.` / `visual.` layout.
-_CAUSAL, _PRETRAIN, _VL = ("AutoModelForCausalLM", "AutoModelForPreTraining",
-                           "AutoModelForImageTextToText")
+_CAUSAL, _PRETRAIN, _VL = (
+    "AutoModelForCausalLM",
+    "AutoModelForPreTraining",
+    "AutoModelForImageTextToText",
+)
 CROSS_CHECK: dict[str, tuple[str, Callable[[str], str], Callable[[str], bool]]] = {
     f: (_CAUSAL, lambda n: n, lambda n: False)
-    for f in ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral",
-              "deepseek_v2", "phi3", "gemma", "gemma2", "gemma3")
+    for f in (
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "mixtral",
+        "deepseek_v2",
+        "phi3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+    )
 } | {
     "deepseek_v3": (_CAUSAL, lambda n: n, lambda n: ".layers.3." in n),
     "gpt2": (_CAUSAL, lambda n: "transformer." + n, lambda n: n.endswith(".attn.bias")),
     "bert": (_PRETRAIN, lambda n: n, lambda n: n.endswith("position_ids")),
     "qwen2_vl": (_VL, lambda n: n, lambda n: False),
-    "qwen2_5_vl": (_VL, lambda n: n.replace("model.language_model.", "model.")
-                   .replace("model.visual.", "visual."), lambda n: False),
+    "qwen2_5_vl": (
+        _VL,
+        lambda n: n.replace("model.language_model.", "model.").replace("model.visual.", "visual."),
+        lambda n: False,
+    ),
 }
 
 

@@ -21,23 +21,45 @@ from npu_fp.compare.activation_profiles import (
 )
 from npu_fp.signature import Signature, dumps, load_signature, seal
 
-SETTINGS = {"corpus": "embedded:test", "corpus_sha256": "ab" * 32, "batch_size": 1, "seq_len": 16,
-            "num_batches": 2, "seed": 0, "dtype": "float32"}
+SETTINGS = {
+    "corpus": "embedded:test",
+    "corpus_sha256": "ab" * 32,
+    "batch_size": 1,
+    "seq_len": 16,
+    "num_batches": 2,
+    "seed": 0,
+    "dtype": "float32",
+}
 
 
 def rows(curves: dict[str, list[float]]) -> list[dict]:
-    return [{"layer": i, "stream": s, "mean_norm": v, "std_norm": 0.1 * v, "tokens": 32, "nan": 0,
-             "inf": 0} for s, vals in curves.items() for i, v in enumerate(vals)]
+    return [
+        {
+            "layer": i,
+            "stream": s,
+            "mean_norm": v,
+            "std_norm": 0.1 * v,
+            "tokens": 32,
+            "nan": 0,
+            "inf": 0,
+        }
+        for s, vals in curves.items()
+        for i, v in enumerate(vals)
+    ]
 
 
-def with_norms(doc: dict, curves: dict[str, list[float]] | None, name: str | None = None,
-               **settings: object) -> dict:
+def with_norms(
+    doc: dict, curves: dict[str, list[float]] | None, name: str | None = None, **settings: object
+) -> dict:
     """A resealed copy of `doc` whose activations are `curves` (None: no activations)."""
     out = copy.deepcopy({k: v for k, v in doc.items() if k != "sha256"})
     out.pop("activations", None)
     if curves is not None:
-        out["activations"] = {"rows": rows(curves), "routing": [],
-                              "settings": {**SETTINGS, **settings}}
+        out["activations"] = {
+            "rows": rows(curves),
+            "routing": [],
+            "settings": {**SETTINGS, **settings},
+        }
     if name is not None:
         out["identity"]["name"] = name
     return seal(out)
@@ -51,8 +73,9 @@ def random_curves(rng: np.random.Generator, n: int) -> dict[str, list[float]]:
     return {s: list(rng.uniform(1, 10, n)) for s in STREAMS}
 
 
-def seed_formula(a: dict[str, list[float]], b: dict[str, list[float]], corr=None,
-                 diff: bool = False) -> float:
+def seed_formula(
+    a: dict[str, list[float]], b: dict[str, list[float]], corr=None, diff: bool = False
+) -> float:
     """fingerprint-methods.md 1.2-1.3 written out: z-score, np.interp onto the deeper, correlate."""
     rs = []
     for s in STREAMS:
@@ -95,8 +118,9 @@ def test_missing_activations_are_unavailable_with_reason() -> None:
     have, lack = sig(random_curves(rng, 6), "with"), sig(None, "without")
     prof = activation_profile(have, lack, ("with", "without"))
     assert not prof["available"] and prof["scores"]["activation_score"] is None
-    assert prof["reason"] == ("no activations in signature without: run fingerprint with "
-                              "activations.enabled=true")
+    assert prof["reason"] == (
+        "no activations in signature without: run fingerprint with activations.enabled=true"
+    )
     assert prof["settings"]["a"]["seq_len"] == 16 and prof["settings"]["b"] is None
     both = activation_profile(lack, sig(None, "also"), ("without", "also"))
     assert "signatures without and also" in both["reason"]
@@ -138,8 +162,10 @@ def test_differing_settings_are_flagged() -> None:
     prof = activation_profile(sig(a), sig(a, seq_len=32, corpus_sha256="cd" * 32), ("a", "b"))
     assert prof["available"] and prof["scores"]["activation_score"] == pytest.approx(1.0)
     assert prof["settings"]["comparable"] is False
-    assert prof["settings"]["differences"] == [f"corpus_sha256: {'ab' * 6} vs {'cd' * 6}",
-                                               "seq_len: 16 vs 32"]
+    assert prof["settings"]["differences"] == [
+        f"corpus_sha256: {'ab' * 6} vs {'cd' * 6}",
+        "seq_len: 16 vs 32",
+    ]
     assert "not comparable" in prof["note"]
     same = activation_profile(sig(a), sig(a), ("a", "b"))
     assert same["settings"]["comparable"] is True and same["note"] is None
@@ -156,11 +182,18 @@ def fingerprints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("act")
     base = write_base(root / "base", 0)
-    models = {"base": base, "continued": derive.continued_training(base, root / "continued", 1),
-              "other": write_base(root / "other", 7)}
-    cfg = RunConfig(command="fingerprint", out_dir=str(root / "fp"), progress=False, device="cpu",
-                    activations=ActivationsConfig(enabled=True, batch_size=1, seq_len=16,
-                                                  num_batches=2))
+    models = {
+        "base": base,
+        "continued": derive.continued_training(base, root / "continued", 1),
+        "other": write_base(root / "other", 7),
+    }
+    cfg = RunConfig(
+        command="fingerprint",
+        out_dir=str(root / "fp"),
+        progress=False,
+        device="cpu",
+        activations=ActivationsConfig(enabled=True, batch_size=1, seq_len=16, num_batches=2),
+    )
     out = {}
     with pytest.MonkeyPatch.context() as mp, distributed(cfg.device) as ctx:
         # the per-model figures are not under test here and cost most of the time
@@ -173,13 +206,24 @@ def fingerprints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _rewrite(path: Path, out: Path, curves: dict | None | str = "keep", name: str | None = None,
-             **settings: object) -> Path:
+def _rewrite(
+    path: Path,
+    out: Path,
+    curves: dict | None | str = "keep",
+    name: str | None = None,
+    **settings: object,
+) -> Path:
     doc = load_signature(path).doc
     if curves == "keep":
-        new = seal({**{k: v for k, v in doc.items() if k != "sha256"},
-                    "activations": {**doc["activations"],
-                                    "settings": {**doc["activations"]["settings"], **settings}}})
+        new = seal(
+            {
+                **{k: v for k, v in doc.items() if k != "sha256"},
+                "activations": {
+                    **doc["activations"],
+                    "settings": {**doc["activations"]["settings"], **settings},
+                },
+            }
+        )
     else:  # the bank keeps the real settings, so its null describes the real pairs
         real = (doc.get("activations") or {}).get("settings", {})
         new = with_norms(doc, curves, name, **real)  # type: ignore[arg-type]
@@ -188,8 +232,9 @@ def _rewrite(path: Path, out: Path, curves: dict | None | str = "keep", name: st
     return out
 
 
-def test_report_shows_scores_plot_and_unchanged_verdicts(fingerprints: dict[str, Path],
-                                                         tmp_path: Path) -> None:
+def test_report_shows_scores_plot_and_unchanged_verdicts(
+    fingerprints: dict[str, Path], tmp_path: Path
+) -> None:
     rng = np.random.default_rng(4)
     bank = tmp_path / "bank"
     for i in range(4):

@@ -32,8 +32,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     t = {k: v for k, v in zoo.dense_tensors(shape, 7).items() if not k.endswith(".bias")}
     cfg = {**zoo.qwen2_config(shape), "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     other = zoo.write_checkpoint(root / "llama48", t, cfg, torch.float32)
-    return {"base": base, "cont": cont, "notok": notok, "vocab_notok": vocab_notok,
-            "other": other, "root": root}
+    return {
+        "base": base,
+        "cont": cont,
+        "notok": notok,
+        "vocab_notok": vocab_notok,
+        "other": other,
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,16 @@ def test_too_few_inputs_and_bad_names(models: dict[str, Path], tmp_path: Path) -
 def test_cli_reports_a_bad_signature(sigs: list[Path], tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    r = run_cli(["-m", "npu_fp", "compare", f"signatures=[{bad},{sigs[0]}]",
-                 f"hydra.run.dir={tmp_path / 'out'}", "device=cpu"], cwd=REPO)
+    r = run_cli(
+        [
+            "-m",
+            "npu_fp",
+            "compare",
+            f"signatures=[{bad},{sigs[0]}]",
+            f"hydra.run.dir={tmp_path / 'out'}",
+            "device=cpu",
+        ],
+        cwd=REPO,
+    )
     assert r.returncode == 2, r.stderr
     assert "npu-fp: error: unusable signature" in r.stderr and "Traceback" not in r.stderr

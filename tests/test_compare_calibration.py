@@ -53,7 +53,9 @@ def test_bank_calibrates_profile_scores(panel: tuple[dict, Path], tmp_path: Path
     doc = run_compare([], tmp_path, signatures=sigs[:2], bank=str(cache))
     cal = doc["pairs"][0]["profiles"]["calibration"]["honestagi_score"]
     assert cal["calibrated"] and cal["n_null"] == len(sigs) * (len(sigs) - 1) // 2
-    assert 0 < cal["p_empirical"] <= 1 and "bank pairs" in doc["pairs"][0]["evidence"][-1]["summary"]
+    assert (
+        0 < cal["p_empirical"] <= 1 and "bank pairs" in doc["pairs"][0]["evidence"][-1]["summary"]
+    )
 
 
 def test_shape_of_panel() -> None:

@@ -48,10 +48,12 @@ def test_vocabulary_rewrite_is_consistent(base: Path, tmp_path: Path) -> None:
     assert ta.get_vocab() != tb.get_vocab()
 
 
-@pytest.mark.parametrize("kind,arch,experts,group_size", [
-    ("mixtral", "mixtral", 4, 0), ("moge", "pangu_pro_moe", 16, 2)])
-def test_upcycled_layouts_map(base: Path, tmp_path: Path, kind: str, arch: str, experts: int,
-                              group_size: int) -> None:
+@pytest.mark.parametrize(
+    "kind,arch,experts,group_size", [("mixtral", "mixtral", 4, 0), ("moge", "pangu_pro_moe", 16, 2)]
+)
+def test_upcycled_layouts_map(
+    base: Path, tmp_path: Path, kind: str, arch: str, experts: int, group_size: int
+) -> None:
     out = derive.BUILDERS[kind](base, tmp_path / kind)
     src = open_model(out)
     rm = map_roles(src.config, {n: r.shape for n, r in src.tensors.items()})
@@ -62,8 +64,13 @@ def test_upcycled_layouts_map(base: Path, tmp_path: Path, kind: str, arch: str, 
 def test_prune_and_resave_and_independent(base: Path, tmp_path: Path) -> None:
     pruned = derive.prune_layers(base, tmp_path / "pruned")
     assert json.loads((pruned / "config.json").read_text())["num_hidden_layers"] == 2
-    wa, wp = load_file(str(base / "model.safetensors")), load_file(str(pruned / "model.safetensors"))
-    assert torch.equal(wa["model.layers.2.mlp.up_proj.weight"], wp["model.layers.1.mlp.up_proj.weight"])
+    wa, wp = (
+        load_file(str(base / "model.safetensors")),
+        load_file(str(pruned / "model.safetensors")),
+    )
+    assert torch.equal(
+        wa["model.layers.2.mlp.up_proj.weight"], wp["model.layers.1.mlp.up_proj.weight"]
+    )
     bf = derive.resave(base, tmp_path / "bf16")
     assert open_model(bf).tensors["lm_head.weight"].dtype == "BF16"
     ind = derive.independent_matched(base, tmp_path / "ind")

@@ -13,9 +13,20 @@ from npu_fp import derive
 
 
 def _torchrun(nproc: int, models: list[Path], out: Path, cache: Path) -> dict:
-    args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "npu_fp", "compare", "models=[" + ",".join(str(m) for m in models) + "]",
-            f"hydra.run.dir={out}", "device=cpu", "progress=false", f"compare.cache_dir={cache}"]
+    args = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "npu_fp",
+        "compare",
+        "models=[" + ",".join(str(m) for m in models) + "]",
+        f"hydra.run.dir={out}",
+        "device=cpu",
+        "progress=false",
+        f"compare.cache_dir={cache}",
+    ]
     r = run_cli(args, cwd=REPO, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
@@ -24,18 +35,29 @@ def _torchrun(nproc: int, models: list[Path], out: Path, cache: Path) -> dict:
 @pytest.mark.slow
 def test_one_and_two_ranks_agree(tmp_path: Path) -> None:
     base = write_base(tmp_path / "base")
-    models = [base, derive.permute(base, tmp_path / "perm", hidden=True),
-              derive.prune_layers(base, tmp_path / "pruned"),
-              derive.moge_upcycle(base, tmp_path / "moge"),
-              derive.independent_matched(base, tmp_path / "indep")]
+    models = [
+        base,
+        derive.permute(base, tmp_path / "perm", hidden=True),
+        derive.prune_layers(base, tmp_path / "pruned"),
+        derive.moge_upcycle(base, tmp_path / "moge"),
+        derive.independent_matched(base, tmp_path / "indep"),
+    ]
     # the 2-rank run fingerprints (collectively), the 1-rank run reuses those signatures
     two = _torchrun(2, models, tmp_path / "two", tmp_path / "cache")
     one = _torchrun(1, models, tmp_path / "one", tmp_path / "cache")
     assert two["timing"]["world_size"] == 2 and one["timing"]["world_size"] == 1
 
     def key(doc: dict) -> list:
-        return [(p["a"], p["b"], p["verdict"], p["log10_p"],
-                 [(e["kind"], e["log10_p"]) for e in p["evidence"]]) for p in doc["pairs"]]
+        return [
+            (
+                p["a"],
+                p["b"],
+                p["verdict"],
+                p["log10_p"],
+                [(e["kind"], e["log10_p"]) for e in p["evidence"]],
+            )
+            for p in doc["pairs"]
+        ]
 
     assert key(one) == key(two)
     verdicts = {(p["a"], p["b"]): p["verdict"] for p in one["pairs"]}

@@ -17,16 +17,28 @@ from npu_fp.signature import Signature
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.o")
 
 
-def fake_sig(curves: dict[str, list[float]], name: str = "m", maxes: dict | None = None,
-             means: dict | None = None, offset: float = 0.0) -> Signature:
+def fake_sig(
+    curves: dict[str, list[float]],
+    name: str = "m",
+    maxes: dict | None = None,
+    means: dict | None = None,
+    offset: float = 0.0,
+) -> Signature:
     n = max(len(v) for v in curves.values())
     layers = []
     for role, vals in curves.items():
         for i, v in enumerate(vals):
-            layers.append({"layer": i, "role": role, "group": None, "std": v,
-                           "max": (maxes or {}).get(role, vals)[i],
-                           "absmax": abs((maxes or {}).get(role, vals)[i]),
-                           "mean": (means or {}).get(role, [1.0] * n)[i]})
+            layers.append(
+                {
+                    "layer": i,
+                    "role": role,
+                    "group": None,
+                    "std": v,
+                    "max": (maxes or {}).get(role, vals)[i],
+                    "absmax": abs((maxes or {}).get(role, vals)[i]),
+                    "mean": (means or {}).get(role, [1.0] * n)[i],
+                }
+            )
     tensors = [{"name": f"{r}.w", "role": r, "norm_offset": offset} for r in curves]
     doc = {"identity": {"name": name, "num_layers": n}, "layers": layers, "tensors": tensors}
     return Signature(doc)
@@ -40,7 +52,9 @@ def seed_formula(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
         za, zb = (sa - sa.mean()) / sa.std(), (sb - sb.mean()) / sb.std()
         if len(za) != len(zb):
             short, long_ = (za, zb) if len(za) < len(zb) else (zb, za)
-            short = np.interp(np.linspace(0, len(short) - 1, len(long_)), np.arange(len(short)), short)
+            short = np.interp(
+                np.linspace(0, len(short) - 1, len(long_)), np.arange(len(short)), short
+            )
             za, zb = (short, long_) if len(a[t]) < len(b[t]) else (long_, short)
         rs.append(np.corrcoef(za, zb)[0, 1])
     return float(np.mean(rs))
@@ -61,7 +75,9 @@ def test_honestagi_exact_same_depth_and_interpolated() -> None:
 def test_variants_and_missing_roles() -> None:
     depth = np.linspace(0, 1, 10)
     trend = {t: list(0.02 + 0.01 * depth) for t in ROLES}
-    wiggle = {t: list(0.02 + 0.01 * depth + 0.001 * np.sin(7 * depth + i)) for i, t in enumerate(ROLES)}
+    wiggle = {
+        t: list(0.02 + 0.01 * depth + 0.001 * np.sin(7 * depth + i)) for i, t in enumerate(ROLES)
+    }
     s = profile_scores(fake_sig(trend), fake_sig(wiggle))
     # a shared trend inflates Pearson; first differences remove it
     assert s["honestagi"] > 0.9 and s["honestagi_spearman"] > 0.8
@@ -78,7 +94,9 @@ def test_raw_scales_keep_the_bias_magnitude_gap() -> None:
     small = fake_sig(curves, maxes={"attn.k_bias": list(np.linspace(0.01, 0.04, n))})
     raw = raw_scales(big, small)["attn.k_bias"]
     assert raw["max_ratio"] == pytest.approx(15 / 0.025, rel=1e-6)
-    assert raw["max_pearson"] == pytest.approx(1.0)  # same shape, ~600x scale: only the ratio shows it
+    assert raw["max_pearson"] == pytest.approx(
+        1.0
+    )  # same shape, ~600x scale: only the ratio shows it
 
 
 def test_norm_offset_is_undone() -> None:
@@ -92,8 +110,9 @@ def test_norm_offset_is_undone() -> None:
 
 def test_bank_null_calibrates_and_absence_is_marked() -> None:
     rng = np.random.default_rng(3)
-    bank = [fake_sig({t: list(rng.uniform(0.01, 0.03, 10)) for t in ROLES}, f"b{i}")
-            for i in range(6)]
+    bank = [
+        fake_sig({t: list(rng.uniform(0.01, 0.03, 10)) for t in ROLES}, f"b{i}") for i in range(6)
+    ]
     null = bank_null(bank)
     assert len(null["honestagi_score"]) == 15
     cal = calibrate({"honestagi_score": 0.99}, null)["honestagi_score"]

@@ -40,12 +40,15 @@ def test_chatterjee_bound_edge_cases() -> None:
     assert chatterjee_logp(100.0, 1.0) < math.log(1e-20)
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda: torch.zeros(8, 16), "all-zero"),
-    (lambda: torch.ones(8, 16), "constant"),
-    (lambda: torch.outer(torch.arange(1.0, 9.0), torch.ones(16)), "rank-one"),
-    (lambda: torch.full((8, 16), float("nan")), "non-finite"),
-])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda: torch.zeros(8, 16), "all-zero"),
+        (lambda: torch.ones(8, 16), "constant"),
+        (lambda: torch.outer(torch.arange(1.0, 9.0), torch.ones(16)), "rank-one"),
+        (lambda: torch.full((8, 16), float("nan")), "non-finite"),
+    ],
+)
 def test_degenerate_blocks_are_named(make, why: str) -> None:
     reason = degenerate(make())
     assert reason is not None and why in reason
@@ -55,8 +58,9 @@ def test_degenerate_blocks_are_named(make, why: str) -> None:
 def _degenerate_copy(base: Path, out: Path, fill: float) -> Path:
     derive.resave(base, out, torch.float32)
     tensors = load_file(str(out / "model.safetensors"))
-    save_file({k: torch.full_like(v, fill) for k, v in tensors.items()},
-              str(out / "model.safetensors"))
+    save_file(
+        {k: torch.full_like(v, fill) for k, v in tensors.items()}, str(out / "model.safetensors")
+    )
     return out
 
 

@@ -69,8 +69,9 @@ def test_vocabulary_change_is_aligned_by_token_strings(report: tuple[dict, Path]
 
 
 @pytest.mark.parametrize("name,experts,groups", [("mixtral", 4, 0), ("moge", 16, 8)])
-def test_upcycling_maps_experts_to_parent_units(report: tuple[dict, Path], name: str,
-                                               experts: int, groups: int) -> None:
+def test_upcycling_maps_experts_to_parent_units(
+    report: tuple[dict, Path], name: str, experts: int, groups: int
+) -> None:
     for a, b in (("base", name), ("continued", name)):
         p = pair(report[0], a, b)
         fam = family(p, "expert_units")
@@ -126,8 +127,9 @@ def test_report_files(report: tuple[dict, Path]) -> None:
     json.loads((out / "report.json").read_text())  # strict JSON (no NaN)
 
 
-def test_second_run_reuses_cached_signatures(zoo: dict[str, Path], report: tuple[dict, Path],
-                                             tmp_path: Path) -> None:
+def test_second_run_reuses_cached_signatures(
+    zoo: dict[str, Path], report: tuple[dict, Path], tmp_path: Path
+) -> None:
     cache = report[1] / "cache"
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("signature.json")}
     doc = run_compare([zoo["base"], zoo["continued"]], tmp_path, cache_dir=str(cache))
@@ -136,8 +138,9 @@ def test_second_run_reuses_cached_signatures(zoo: dict[str, Path], report: tuple
     assert pair(doc, "base", "continued")["verdict"] == "related"
 
 
-def test_comparison_streams_tensors_not_models(zoo: dict[str, Path], tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_comparison_streams_tensors_not_models(
+    zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from npu_fp.compare.pairwork import layer_pair, prepare
     from npu_fp.compare.tensors import open_view
     from npu_fp.config import CompareConfig

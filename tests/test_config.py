@@ -51,17 +51,21 @@ def test_pangu_preset_keeps_expert_groups_together() -> None:
 
 def test_overrides_and_path_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NPU_FP_MODELS", "/data/llm")
-    run = to_run_config(compose("npu_fp", overrides=["model=qwen2_5_14b", "device=cpu",
-                                                     "plan.segment_bytes=8192"]))
+    run = to_run_config(
+        compose("npu_fp", overrides=["model=qwen2_5_14b", "device=cpu", "plan.segment_bytes=8192"])
+    )
     assert run.model.path == "/data/llm/Qwen2.5-14B" and run.plan.segment_bytes == 8192
 
 
-@pytest.mark.parametrize("override,message", [
-    ("stats.chunk_elems=0", "chunk_elems must be > 0"),
-    ("device=tpu", None),
-    ("command=train", "command must be one of"),
-    ("plan.segment_bytes=10", "segment_bytes must be >= 4096"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("stats.chunk_elems=0", "chunk_elems must be > 0"),
+        ("device=tpu", None),
+        ("command=train", "command must be one of"),
+        ("plan.segment_bytes=10", "segment_bytes must be >= 4096"),
+    ],
+)
 def test_bad_values_fail_early(override: str, message: str | None) -> None:
     with pytest.raises(Exception) as info:
         to_run_config(compose("npu_fp", overrides=[override]))

@@ -23,8 +23,10 @@ def fresh_cache():
 
 
 def test_import_guard_sets_autoload_off_before_torch() -> None:
-    code = ("import os; os.environ.pop('TORCH_DEVICE_BACKEND_AUTOLOAD', None); "
-            "import npu_fp.device, sys; print(os.environ['TORCH_DEVICE_BACKEND_AUTOLOAD'])")
+    code = (
+        "import os; os.environ.pop('TORCH_DEVICE_BACKEND_AUTOLOAD', None); "
+        "import npu_fp.device, sys; print(os.environ['TORCH_DEVICE_BACKEND_AUTOLOAD'])"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "0"
 
@@ -36,8 +38,14 @@ def test_no_torch_npu_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         dev.resolve_device("npu")
 
 
-@pytest.mark.parametrize("exc", [ImportError("libhccl.so: cannot open"), OSError("x"),
-                                 RuntimeError("Two accelerators cannot be used")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ImportError("libhccl.so: cannot open"),
+        OSError("x"),
+        RuntimeError("Two accelerators cannot be used"),
+    ],
+)
 def test_broken_torch_npu_is_caught(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
     spec = importlib.machinery.ModuleSpec("torch_npu", None)
     monkeypatch.setattr(dev.importlib.util, "find_spec", lambda name: spec)
@@ -57,8 +65,12 @@ def fake_npu(monkeypatch: pytest.MonkeyPatch, name: str, count: int = 2) -> list
     monkeypatch.setattr(dev.importlib.util, "find_spec", lambda n: spec)
     monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
     bound: list[int] = []
-    npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: count,
-                                set_device=bound.append, get_device_name=lambda i: name)
+    npu = types.SimpleNamespace(
+        is_available=lambda: True,
+        device_count=lambda: count,
+        set_device=bound.append,
+        get_device_name=lambda i: name,
+    )
     monkeypatch.setattr(torch, "npu", npu, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     return bound

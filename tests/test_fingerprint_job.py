@@ -17,14 +17,22 @@ from npu_fp.config import ModelConfig, PlanConfig, RunConfig, StatsConfig
 from npu_fp.fingerprint import fingerprint
 from npu_fp.signature import SignatureError, load_signature
 
-SMALL = ["plan.segment_bytes=4096", "stats.read_bytes=4096", "stats.chunk_elems=1000",
-         "progress=false"]
+SMALL = [
+    "plan.segment_bytes=4096",
+    "stats.read_bytes=4096",
+    "stats.chunk_elems=1000",
+    "progress=false",
+]
 
 
 def small_cfg(model: Path, out: Path, **kw) -> RunConfig:
-    return RunConfig(model=ModelConfig(path=str(model)), out_dir=str(out), progress=False,
-                     plan=PlanConfig(segment_bytes=4096, **kw), stats=StatsConfig(
-                         read_bytes=4096, chunk_elems=1000))
+    return RunConfig(
+        model=ModelConfig(path=str(model)),
+        out_dir=str(out),
+        progress=False,
+        plan=PlanConfig(segment_bytes=4096, **kw),
+        stats=StatsConfig(read_bytes=4096, chunk_elems=1000),
+    )
 
 
 def test_in_process_outputs(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -35,8 +43,21 @@ def test_in_process_outputs(tiny_models: dict[str, Path], tmp_path: Path) -> Non
     assert not sig.doc["unmapped"]
     with open(tmp_path / "tensors.csv") as f:
         rows = list(csv.DictReader(f))
-    for col in ("name", "layer", "role", "expert", "group", "part", "dtype", "numel", "mean",
-                "std", "rms", "absmax", "max"):
+    for col in (
+        "name",
+        "layer",
+        "role",
+        "expert",
+        "group",
+        "part",
+        "dtype",
+        "numel",
+        "mean",
+        "std",
+        "rms",
+        "absmax",
+        "max",
+    ):
         assert col in rows[0]
     assert len(rows) == len(sig.tensors)
     assert (tmp_path / "profile.png").stat().st_size > 1000
@@ -78,8 +99,11 @@ def test_content_hash_finds_identical_tensors(tiny_models: dict[str, Path], tmp_
 def test_nan_inf_reported_not_fatal(tmp_path: Path) -> None:
     d = tmp_path / "nanmodel"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
-                                               "model_type": "llama", "num_hidden_layers": 1}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1}
+        )
+    )
     w = torch.randn(8, 8)
     w[0, 0], w[1, 1] = float("nan"), float("inf")
     save_file({"model.layers.0.self_attn.q_proj.weight": w}, str(d / "model.safetensors"))
@@ -110,8 +134,9 @@ def test_cli_bad_input_exits_nonzero_without_partial_output(tmp_path: Path) -> N
     (bad / "config.json").write_text("{}")
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{nope}")
     out = tmp_path / "out"
-    r = run_cli(["-m", "npu_fp", "fingerprint", f"model.path={bad}", f"hydra.run.dir={out}"],
-                cwd=tmp_path)
+    r = run_cli(
+        ["-m", "npu_fp", "fingerprint", f"model.path={bad}", f"hydra.run.dir={out}"], cwd=tmp_path
+    )
     assert r.returncode == 2, r.stderr
     assert "model.safetensors" in r.stderr and "error" in r.stderr
     assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
@@ -119,24 +144,48 @@ def test_cli_bad_input_exits_nonzero_without_partial_output(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_dry_run_prints_plan(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    r = run_cli(["-m", "npu_fp", "fingerprint", f"model.path={tiny_models['moge']}",
-                 "dry_run=true", "world_size=8", "plan.expert_groups=true",
-                 f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    r = run_cli(
+        [
+            "-m",
+            "npu_fp",
+            "fingerprint",
+            f"model.path={tiny_models['moge']}",
+            "dry_run=true",
+            "world_size=8",
+            "plan.expert_groups=true",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "rank 7:" in r.stdout and "expert groups" in r.stdout
     assert not (tmp_path / "signature.json").exists()
 
 
 def torchrun(n: int, model: Path, out: Path, *extra: str):
-    return run_cli(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                    "-m", "npu_fp", "fingerprint", f"model.path={model}", f"hydra.run.dir={out}",
-                    *SMALL, *extra], cwd=out.parent)
+    return run_cli(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            "-m",
+            "npu_fp",
+            "fingerprint",
+            f"model.path={model}",
+            f"hydra.run.dir={out}",
+            *SMALL,
+            *extra,
+        ],
+        cwd=out.parent,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["dense", "moge"])
-def test_signatures_identical_for_1_2_3_ranks(tiny_models: dict[str, Path], tmp_path: Path,
-                                              model: str) -> None:
+def test_signatures_identical_for_1_2_3_ranks(
+    tiny_models: dict[str, Path], tmp_path: Path, model: str
+) -> None:
     extra = ["plan.expert_groups=true"] if model == "moge" else []
     outs = []
     for n in (1, 2, 3):
@@ -154,24 +203,49 @@ def test_signatures_identical_for_1_2_3_ranks(tiny_models: dict[str, Path], tmp_
 @pytest.mark.slow
 def test_launcher_with_two_cpu_ranks(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    env = {"NPROC": "2", "RUN_DIR": str(out), "PYTHON": sys.executable,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        "NPROC": "2",
+        "RUN_DIR": str(out),
+        "PYTHON": sys.executable,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     import subprocess
 
-    r = subprocess.run([str(REPO / "launch" / "run.sh"), "fingerprint",
-                        f"model.path={tiny_models['dense']}", *SMALL],
-                       env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            str(REPO / "launch" / "run.sh"),
+            "fingerprint",
+            f"model.path={tiny_models['dense']}",
+            *SMALL,
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_signature(out / "signature.json").num_layers == 3
     assert (out / "logs" / "rank1.log").exists()
 
 
 @pytest.mark.slow
-def test_torchrun_without_run_dir_shares_one_directory(tiny_models: dict[str, Path],
-                                                       tmp_path: Path) -> None:
-    r = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                 "npu_fp", "fingerprint", f"model.path={tiny_models['dense']}", *SMALL],
-                cwd=tmp_path)
+def test_torchrun_without_run_dir_shares_one_directory(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    r = run_cli(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "npu_fp",
+            "fingerprint",
+            f"model.path={tiny_models['dense']}",
+            *SMALL,
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     [run_dir] = list((tmp_path / "outputs" / "torchrun").iterdir())
     assert {p.name for p in (run_dir / "logs").iterdir()} == {"rank0.log", "rank1.log"}
@@ -181,8 +255,18 @@ def test_torchrun_without_run_dir_shares_one_directory(tiny_models: dict[str, Pa
 @pytest.mark.slow
 def test_multirun_over_models(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     models = f"{tiny_models['dense']},{tiny_models['moge']}"
-    r = run_cli(["-m", "npu_fp", "--multirun", "fingerprint", f"model.path={models}",
-                 f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL], cwd=tmp_path)
+    r = run_cli(
+        [
+            "-m",
+            "npu_fp",
+            "--multirun",
+            "fingerprint",
+            f"model.path={models}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *SMALL,
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     names = {load_signature(tmp_path / "sweep" / str(i)).identity["architecture"] for i in (0, 1)}
     assert names == {"Qwen2ForCausalLM", "PanguProMoEForCausalLM"}
@@ -191,14 +275,29 @@ def test_multirun_over_models(tiny_models: dict[str, Path], tmp_path: Path) -> N
 def test_fp8_weights_are_dequantized_before_statistics(tmp_path: Path) -> None:
     d = tmp_path / "fp8"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
-        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
-                                "weight_block_size": [128, 128]}}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "num_hidden_layers": 1,
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "fmt": "e4m3",
+                    "weight_block_size": [128, 128],
+                },
+            }
+        )
+    )
     q = (torch.randn(300, 200) * 0.5).to(torch.float8_e4m3fn)
     scale = torch.rand(3, 2) * 0.01 + 0.001
-    save_file({"model.layers.0.mlp.up_proj.weight": q,
-               "model.layers.0.mlp.up_proj.weight_scale_inv": scale}, str(d / "model.safetensors"))
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.weight": q,
+            "model.layers.0.mlp.up_proj.weight_scale_inv": scale,
+        },
+        str(d / "model.safetensors"),
+    )
     sig = load_signature(fingerprint(small_cfg(d, tmp_path / "out"))[0])
     [row] = sig.tensors
     # dequantized in float32 (as DeepSeek's own kernels do), statistics in float64
@@ -206,10 +305,13 @@ def test_fp8_weights_are_dequantized_before_statistics(tmp_path: Path) -> None:
     w = (q.float() * s32).double()
     assert row["std"] == pytest.approx(w.std().item(), rel=1e-9)
     assert row["dtype"] == "F8_E4M3" and sig.doc["skipped"] == [
-        "model.layers.0.mlp.up_proj.weight_scale_inv"]
+        "model.layers.0.mlp.up_proj.weight_scale_inv"
+    ]
 
 
-def test_preset_expectations_catch_a_wrong_path(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_preset_expectations_catch_a_wrong_path(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     cfg = small_cfg(tiny_models["dense"], tmp_path)
     cfg.model.expect_arch = "PanguProMoEForCausalLM"
     with pytest.raises(ValueError, match="preset expects architecture 'PanguProMoEForCausalLM'"):
@@ -221,12 +323,17 @@ def test_preset_expectations_catch_a_wrong_path(tiny_models: dict[str, Path], tm
 
 
 @pytest.mark.slow
-def test_demo_builds_the_zoo_and_ends_with_the_report(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_demo_builds_the_zoo_and_ends_with_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = RunConfig(out_dir=str(tmp_path / "out"), zoo_dir=str(tmp_path / "zoo"), progress=False)
     written = fingerprint(cfg)
-    assert [p.parent.name for p in written] == ["base", "base-continued", "moge-upcycled",
-                                                  "independent"]
+    assert [p.parent.name for p in written] == [
+        "base",
+        "base-continued",
+        "moge-upcycled",
+        "independent",
+    ]
     report = json.loads((tmp_path / "out" / "compare" / "report.json").read_text())
     verdicts = {(p["a"], p["b"]): p["verdict"] for p in report["pairs"]}
     assert verdicts[("base", "base-continued")] == "related"
@@ -239,13 +346,15 @@ def test_demo_builds_the_zoo_and_ends_with_the_report(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_activations_inside_fingerprint_do_not_depend_on_ranks(tiny_models: dict[str, Path],
-                                                               tmp_path: Path) -> None:
+def test_activations_inside_fingerprint_do_not_depend_on_ranks(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     docs = []
     for n in (1, 2):
         out = tmp_path / f"act{n}"
-        r = torchrun(n, tiny_models["moge"], out, "activations.enabled=true",
-                     "activations.num_batches=3")
+        r = torchrun(
+            n, tiny_models["moge"], out, "activations.enabled=true", "activations.num_batches=3"
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert (out / "activations.csv").is_file() and (out / "activations_routing.csv").is_file()
         docs.append(json.loads((out / "signature.json").read_text()))

@@ -26,8 +26,17 @@ from npu_fp.forward.pangu import PanguMoGEBlock
 from npu_fp.forward.stream import LayerStreamer, NormTables
 from npu_fp.io.source import open_model
 
-HF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
-               "deepseek_v3", "bert"]
+HF_FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v3",
+    "bert",
+]
 RTOL = 1e-5
 
 
@@ -38,12 +47,15 @@ def ctx1() -> DistContext:
 def streamed(folder, ids: torch.Tensor, layers_per_block: int = 1):
     """Hidden states of every layer for batches ids [N, B, T], through the layer streamer."""
     source = open_model(folder)
-    model = StreamModel(source.config, source.tensors, resolve_device("cpu"), torch.float32, 1 << 16)
+    model = StreamModel(
+        source.config, source.tensors, resolve_device("cpu"), torch.float32, 1 << 16
+    )
     model.validate()
     got: dict[tuple[int, int], torch.Tensor] = {}
     tables = NormTables.zeros(ids.shape[0], model.num_layers, model.max_experts)
-    streamer = LayerStreamer(model, tables, layers_per_block,
-                             capture=lambda b, i, h: got.__setitem__((b, i), h.clone()))
+    streamer = LayerStreamer(
+        model, tables, layers_per_block, capture=lambda b, i, h: got.__setitem__((b, i), h.clone())
+    )
     hidden = [model.embed(ids[b]) for b in range(ids.shape[0])]
     streamer.run(hidden, list(range(ids.shape[0])), range(model.num_layers))
     model.close()
@@ -87,7 +99,9 @@ def test_streamed_equals_transformers_forward(family, tmp_path):
     got, _ = streamed(folder, batches.ids)
     for b, ref in enumerate(refs):
         for layer in range(num_layers):
-            torch.testing.assert_close(got[(b, layer)], ref["residual"][layer], rtol=RTOL, atol=1e-6)
+            torch.testing.assert_close(
+                got[(b, layer)], ref["residual"][layer], rtol=RTOL, atol=1e-6
+            )
     check_rows(result, refs, num_layers)
     if refs[0]["routing"]:
         want = {i: sum(ref["routing"][i] for ref in refs).tolist() for i in refs[0]["routing"]}
@@ -117,7 +131,9 @@ def test_pangu_streamed_equals_release_forward(tmp_path):
     assert model.family.name == "pangu_moe" and model.experts_per_group() == 2
     for b, ref in enumerate(refs):
         for layer in range(2):
-            torch.testing.assert_close(got[(b, layer)], ref["residual"][layer], rtol=RTOL, atol=1e-5)
+            torch.testing.assert_close(
+                got[(b, layer)], ref["residual"][layer], rtol=RTOL, atol=1e-5
+            )
     check_rows(result, refs, 2)
     want = {i: sum(r["routing"][i] for r in refs).tolist() for i in range(2)}
     assert routing_counts(result) == want

@@ -24,8 +24,16 @@ ROOT = HERE.parent
 
 def torchrun(nproc: int, model: Path, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", str(HERE / "forward_helpers.py"), str(model), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(HERE / "forward_helpers.py"),
+        str(model),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -110,8 +118,11 @@ def _write_wide(folder: Path, layers: int) -> None:
     cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 512, 1024, 8
     cfg.num_key_value_heads, cfg.head_dim = 8, 64
     g = torch.Generator().manual_seed(0)
-    t = {"model.embed_tokens.weight": torch.randn(128, 512, generator=g),
-         "model.norm.weight": torch.ones(512), "lm_head.weight": torch.randn(128, 512, generator=g)}
+    t = {
+        "model.embed_tokens.weight": torch.randn(128, 512, generator=g),
+        "model.norm.weight": torch.ones(512),
+        "lm_head.weight": torch.randn(128, 512, generator=g),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         for n in ("q", "k", "v", "o"):
@@ -127,9 +138,13 @@ def _write_wide(folder: Path, layers: int) -> None:
 
 
 def _peak(mode: str, folder: Path) -> int:
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode, str(folder), str(ROOT),
-                          str(HERE)], capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, mode, str(folder), str(ROOT), str(HERE)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return int(out.stdout.strip().splitlines()[-1])
 

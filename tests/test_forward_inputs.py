@@ -43,8 +43,10 @@ def llama(tmp_path_factory):
 @pytest.fixture
 def no_device_work(monkeypatch):
     """Fail the test if anything reaches the layer streamer."""
+
     def boom(*_a, **_k):
         raise AssertionError("device work started before the input was checked")
+
     monkeypatch.setattr(LayerStreamer, "run", boom)
 
 
@@ -53,6 +55,7 @@ def run(folder, cfg=SMALL, ctx=CTX):
 
 
 # -- corpus ---------------------------------------------------------------------------------------
+
 
 def test_embedded_corpus_is_deterministic_and_seeded(llama):
     a = make_batches(llama, None, 2, 16, 3, 0, 128)
@@ -68,7 +71,8 @@ def test_text_jsonl_and_folder_corpora(llama, tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text("the quick brown fox\n" * 50)
     (tmp_path / "c" / "b.jsonl").write_text(
-        "\n".join(json.dumps({"text": "jumps over the lazy dog"}) for _ in range(40)) + "\n\n")
+        "\n".join(json.dumps({"text": "jumps over the lazy dog"}) for _ in range(40)) + "\n\n"
+    )
     (tmp_path / "c" / "skip.bin").write_bytes(b"\xff\xfe")  # not a corpus suffix: ignored
     desc, docs = iter_documents(str(tmp_path / "c"))
     docs = list(docs)
@@ -86,10 +90,15 @@ def test_short_corpus_reuses_windows_with_a_warning(llama, tmp_path, caplog):
     assert "reused" in caplog.text
 
 
-@pytest.mark.parametrize("content, what", [
-    (b"", "no text"), (b"  \n\n\t", "no text"), (b"ok \xff\xfe bad", "not UTF-8"),
-    (b"fox", "fewer than one sequence"),
-])
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"", "no text"),
+        (b"  \n\n\t", "no text"),
+        (b"ok \xff\xfe bad", "not UTF-8"),
+        (b"fox", "fewer than one sequence"),
+    ],
+)
 def test_bad_text_corpus(llama, tmp_path, content, what, no_device_work):
     (tmp_path / "c.txt").write_bytes(content)
     with pytest.raises(CorpusError, match=what) as e:
@@ -97,10 +106,13 @@ def test_bad_text_corpus(llama, tmp_path, content, what, no_device_work):
     assert "c.txt" in str(e.value)
 
 
-@pytest.mark.parametrize("line, what", [
-    ('{"text": "ok"}\n{not json', r"c\.jsonl:2: invalid JSON"),
-    ('{"content": "no text key"}', r'c\.jsonl:1: expected an object with a "text" string'),
-])
+@pytest.mark.parametrize(
+    "line, what",
+    [
+        ('{"text": "ok"}\n{not json', r"c\.jsonl:2: invalid JSON"),
+        ('{"content": "no text key"}', r'c\.jsonl:1: expected an object with a "text" string'),
+    ],
+)
 def test_bad_jsonl_corpus(llama, tmp_path, line, what, no_device_work):
     (tmp_path / "c.jsonl").write_text(line)
     with pytest.raises(CorpusError, match=what):
@@ -116,6 +128,7 @@ def test_missing_and_empty_corpus_paths(llama, tmp_path, no_device_work):
 
 
 # -- bad model inputs -----------------------------------------------------------------------------
+
 
 def test_missing_tokenizer(tmp_path, no_device_work):
     save_hf_model("qwen2", tmp_path)
@@ -164,8 +177,13 @@ def test_bf16_on_a_device_without_bf16(llama, no_device_work):
 
 
 def test_every_error_is_a_value_error():
-    for cls in (CorpusError, TokenizerMissingError, SequenceLengthError,
-                UnsupportedArchitectureError, WeightLayoutError):
+    for cls in (
+        CorpusError,
+        TokenizerMissingError,
+        SequenceLengthError,
+        UnsupportedArchitectureError,
+        WeightLayoutError,
+    ):
         assert issubclass(cls, ValueError)
 
 
@@ -177,8 +195,13 @@ def test_command_needs_a_model_path(tmp_path):
 def test_command_writes_outputs(llama, tmp_path):
     import logging
 
-    cfg = RunConfig(command="activations", model=ModelConfig(path=str(llama)), device="cpu",
-                    out_dir=str(tmp_path), activations=SMALL)
+    cfg = RunConfig(
+        command="activations",
+        model=ModelConfig(path=str(llama)),
+        device="cpu",
+        out_dir=str(tmp_path),
+        activations=SMALL,
+    )
     root = logging.getLogger()
     before = list(root.handlers)
     try:
@@ -193,6 +216,7 @@ def test_command_writes_outputs(llama, tmp_path):
 
 
 # -- NaN / Inf ------------------------------------------------------------------------------------
+
 
 def test_nan_and_inf_are_reported_per_layer(tmp_path):
     save_hf_model("llama", tmp_path, layers=3)
@@ -216,6 +240,7 @@ def test_nan_and_inf_are_reported_per_layer(tmp_path):
 
 
 # -- plans and memory -----------------------------------------------------------------------------
+
 
 def test_pipeline_stages_are_contiguous_and_balanced():
     assert pipeline_stages([1] * 6, 3) == [range(0, 2), range(2, 4), range(4, 6)]

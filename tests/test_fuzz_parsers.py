@@ -25,17 +25,28 @@ from npu_fp.io.validate import InputError, check_config, loads_json, parse_vocab
 from npu_fp.signature import dumps, load_signature
 
 # no example database: runs leave nothing behind in the work tree
-FUZZ = settings(max_examples=60, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 # JSON values, including the types a hostile file would use in the wrong place
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
-json_values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
-    max_leaves=20)
-dims = st.one_of(st.integers(0, 8), st.integers(-3, 2**64), st.booleans(), st.floats(0, 4),
-                 st.just(2**62))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+dims = st.one_of(
+    st.integers(0, 8), st.integers(-3, 2**64), st.booleans(), st.floats(0, 4), st.just(2**62)
+)
 
 
 FUZZ_DIR = Path(tempfile.mkdtemp(prefix="npu_fp_fuzz_"))
@@ -63,16 +74,21 @@ def test_any_bytes_as_safetensors(blob: bytes) -> None:
         pass
 
 
-entries = st.fixed_dictionaries({
-    "dtype": st.one_of(st.sampled_from(sorted(DTYPE_BITS)), json_values),
-    "shape": st.one_of(st.lists(dims, max_size=3), json_values),
-    "data_offsets": st.one_of(st.lists(dims, min_size=2, max_size=2), json_values),
-})
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.one_of(st.sampled_from(sorted(DTYPE_BITS)), json_values),
+        "shape": st.one_of(st.lists(dims, max_size=3), json_values),
+        "data_offsets": st.one_of(st.lists(dims, min_size=2, max_size=2), json_values),
+    }
+)
 
 
 @FUZZ
-@given(st.dictionaries(st.text(max_size=6), st.one_of(entries, json_values), max_size=4),
-       st.one_of(st.none(), json_values), st.integers(0, 64))
+@given(
+    st.dictionaries(st.text(max_size=6), st.one_of(entries, json_values), max_size=4),
+    st.one_of(st.none(), json_values),
+    st.integers(0, 64),
+)
 def test_structured_safetensors_headers(tensors: dict, metadata: object, data_len: int) -> None:
     header = dict(tensors)
     if metadata is not None:
@@ -91,8 +107,13 @@ def test_structured_safetensors_headers(tensors: dict, metadata: object, data_le
 
 
 @FUZZ
-@given(st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
-                 json_values.map(json.dumps)))
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+        json_values.map(json.dumps),
+    )
+)
 def test_loads_json_any_text(text: str) -> None:
     try:
         loads_json(text.encode("utf-8", "surrogatepass"), "f.json")
@@ -112,11 +133,32 @@ def test_check_config_any_json(config: object, shapes: list[list[int]]) -> None:
 
 
 @FUZZ
-@given(st.one_of(json_values, st.fixed_dictionaries({
-    "model": st.one_of(json_values, st.fixed_dictionaries({"vocab": st.one_of(
-        json_values, st.dictionaries(st.text(max_size=4), st.one_of(st.integers(-5, 2**40),
-                                                                   scalars), max_size=20))})),
-    "added_tokens": json_values})), st.sampled_from(["tokenizer.json", "vocab.json"]))
+@given(
+    st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "model": st.one_of(
+                    json_values,
+                    st.fixed_dictionaries(
+                        {
+                            "vocab": st.one_of(
+                                json_values,
+                                st.dictionaries(
+                                    st.text(max_size=4),
+                                    st.one_of(st.integers(-5, 2**40), scalars),
+                                    max_size=20,
+                                ),
+                            )
+                        }
+                    ),
+                ),
+                "added_tokens": json_values,
+            }
+        ),
+    ),
+    st.sampled_from(["tokenizer.json", "vocab.json"]),
+)
 def test_parse_vocab_any_json(doc: object, fmt: str) -> None:
     vocab, why = parse_vocab(doc, f"/m/{fmt}", fmt)
     assert isinstance(why, str)
@@ -130,10 +172,26 @@ save_file({"w": torch.ones(2, 2)}, str(MODEL / "model.safetensors"))
 
 
 @FUZZ
-@given(json_values, st.one_of(json_values, st.fixed_dictionaries(
-    {"weight_map": st.dictionaries(st.text(max_size=6), st.one_of(
-        st.sampled_from(["model.safetensors", "../x", "/etc/passwd", "sub/../model.safetensors"]),
-        json_values), max_size=3)})))
+@given(
+    json_values,
+    st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "weight_map": st.dictionaries(
+                    st.text(max_size=6),
+                    st.one_of(
+                        st.sampled_from(
+                            ["model.safetensors", "../x", "/etc/passwd", "sub/../model.safetensors"]
+                        ),
+                        json_values,
+                    ),
+                    max_size=3,
+                )
+            }
+        ),
+    ),
+)
 def test_open_model_any_config_and_index(config: object, index: object) -> None:
     (MODEL / "config.json").write_text(json.dumps(config))
     (MODEL / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -144,19 +202,46 @@ def test_open_model_any_config_and_index(config: object, index: object) -> None:
 
 
 SIG = {
-    "format": "npu_fp.signature", "schema_version": 1, "created_by": "fuzz",
-    "identity": {"name": "m", "path": None, "num_layers": 1, "num_experts": 0,
-                 "experts_per_group": 0, "files": []},
-    "settings": {}, "tensors": [{"name": "w", "layer": 0, "role": "mlp.up", "std": 1.0}],
+    "format": "npu_fp.signature",
+    "schema_version": 1,
+    "created_by": "fuzz",
+    "identity": {
+        "name": "m",
+        "path": None,
+        "num_layers": 1,
+        "num_experts": 0,
+        "experts_per_group": 0,
+        "files": [],
+    },
+    "settings": {},
+    "tensors": [{"name": "w", "layer": 0, "role": "mlp.up", "std": 1.0}],
     "layers": [{"layer": 0, "role": "mlp.up", "group": None, "std": 1.0}],
 }
 
 
 @FUZZ
-@given(st.sampled_from(["identity", "tensors", "layers", "settings", "activations",
-                        "identity.num_layers", "identity.files", "identity.name",
-                        "tensors.0", "tensors.0.std", "tensors.0.layer", "layers.0",
-                        "layers.0.layer", "layers.0.std", "layers.0.group"]), json_values)
+@given(
+    st.sampled_from(
+        [
+            "identity",
+            "tensors",
+            "layers",
+            "settings",
+            "activations",
+            "identity.num_layers",
+            "identity.files",
+            "identity.name",
+            "tensors.0",
+            "tensors.0.std",
+            "tensors.0.layer",
+            "layers.0",
+            "layers.0.layer",
+            "layers.0.std",
+            "layers.0.group",
+        ]
+    ),
+    json_values,
+)
 def test_resealed_signature_any_field(field: str, value: object) -> None:
     doc = json.loads(json.dumps(SIG))
     node = doc

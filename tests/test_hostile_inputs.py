@@ -65,15 +65,26 @@ def raw_st(path: Path, header: dict | bytes, data: bytes = b"") -> Path:
     return path
 
 
-def model(tmp: Path, tensors: dict[str, torch.Tensor] | None = None, config: object = CONFIG,
-          name: str = "m") -> Path:
+def model(
+    tmp: Path,
+    tensors: dict[str, torch.Tensor] | None = None,
+    config: object = CONFIG,
+    name: str = "m",
+) -> Path:
     d = tmp / name
     d.mkdir(exist_ok=True)
     cfg = config if isinstance(config, bytes | str) else json.dumps(config)
-    (d / "config.json").write_text(cfg) if isinstance(cfg, str) else (d / "config.json").write_bytes(cfg)
-    save_file(tensors or {"model.embed_tokens.weight": torch.randn(8, 4),
-                          "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4)},
-              str(d / "model.safetensors"))
+    (d / "config.json").write_text(cfg) if isinstance(cfg, str) else (
+        d / "config.json"
+    ).write_bytes(cfg)
+    save_file(
+        tensors
+        or {
+            "model.embed_tokens.weight": torch.randn(8, 4),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4),
+        },
+        str(d / "model.safetensors"),
+    )
     return d
 
 
@@ -89,31 +100,57 @@ def fifo(path: Path) -> Path:
 ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 HEADER_CASES: dict[str, tuple[dict | bytes, bytes, str]] = {
     "bool dim": ({"t": {**ENTRY, "shape": [True, 2]}}, b"\0" * 8, "unsigned integers"),
-    "bool offset": ({"t": {**ENTRY, "shape": [1], "data_offsets": [False, 4]}}, b"\0" * 4,
-                    "unsigned integers"),
+    "bool offset": (
+        {"t": {**ENTRY, "shape": [1], "data_offsets": [False, 4]}},
+        b"\0" * 4,
+        "unsigned integers",
+    ),
     "float offset": ({"t": {**ENTRY, "data_offsets": [0.0, 8]}}, b"\0" * 8, "unsigned integers"),
     "negative dim": ({"t": {**ENTRY, "shape": [-2]}}, b"\0" * 8, "unsigned integers"),
     "dim past int64": ({"t": {**ENTRY, "shape": [1 << 63, 0]}}, b"", "below 2**63"),
-    "element count overflow": ({"t": {**ENTRY, "shape": [1 << 40, 1 << 40],
-                                        "data_offsets": [0, 0]}}, b"", "overflows"),
-    "non-string metadata": ({"__metadata__": {"format": 5}, "t": ENTRY}, b"\0" * 8,
-                            "strings to strings"),
+    "element count overflow": (
+        {"t": {**ENTRY, "shape": [1 << 40, 1 << 40], "data_offsets": [0, 0]}},
+        b"",
+        "overflows",
+    ),
+    "non-string metadata": (
+        {"__metadata__": {"format": 5}, "t": ENTRY},
+        b"\0" * 8,
+        "strings to strings",
+    ),
     "metadata list": ({"__metadata__": ["pt"], "t": ENTRY}, b"\0" * 8, "strings to strings"),
     "header not an object start": (b' {"t": 1}', b"", "does not start"),
-    "NaN in header": (b'{"t": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 0]}}', b"",
-                      "NaN"),
+    "NaN in header": (
+        b'{"t": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 0]}}',
+        b"",
+        "NaN",
+    ),
     "nested 100k deep": (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", "nests deeper"),
-    "duplicate tensor": (b'{"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
-                         b'"t": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}', b"\0\0",
-                         "duplicate tensor name"),
-    "sub-byte misaligned": ({"t": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\0\0",
-                            "not whole bytes"),
-    "hole before zero-byte": ({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-                               "z": {"dtype": "U8", "shape": [0], "data_offsets": [2, 2]}},
-                              b"\0\0", "hole"),
+    "duplicate tensor": (
+        b'{"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
+        b'"t": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}',
+        b"\0\0",
+        "duplicate tensor name",
+    ),
+    "sub-byte misaligned": (
+        {"t": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}},
+        b"\0\0",
+        "not whole bytes",
+    ),
+    "hole before zero-byte": (
+        {
+            "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+            "z": {"dtype": "U8", "shape": [0], "data_offsets": [2, 2]},
+        },
+        b"\0\0",
+        "hole",
+    ),
     "dtype not a string": ({"t": {**ENTRY, "dtype": ["F32"]}}, b"\0" * 8, "unknown dtype"),
-    "huge integer": (b'{"t": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], '
-                     b'"data_offsets": [0, 0]}}', b"", "out of range"),
+    "huge integer": (
+        b'{"t": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 0]}}',
+        b"",
+        "out of range",
+    ),
 }
 
 
@@ -146,8 +183,10 @@ def test_million_tensor_header_is_refused_fast(tmp_path: Path) -> None:
 
 def test_zero_byte_giant_tensor_is_bounded(tmp_path: Path) -> None:
     """[2**62, 0] holds no bytes: accepted like the reference does, read as one empty block."""
-    p = raw_st(tmp_path / "z.safetensors", {"z": {"dtype": "F32", "shape": [1 << 62, 0],
-                                                  "data_offsets": [0, 0]}})
+    p = raw_st(
+        tmp_path / "z.safetensors",
+        {"z": {"dtype": "F32", "shape": [1 << 62, 0], "data_offsets": [0, 0]}},
+    )
     [ref] = read_header(p).tensors
     assert list(row_blocks(ref, 0, ref.rows, 1)) == [(0, 1 << 62)]
     with FileCache() as files:
@@ -157,8 +196,11 @@ def test_zero_byte_giant_tensor_is_bounded(tmp_path: Path) -> None:
 def test_u64_values_read_without_overflow(tmp_path: Path) -> None:
     raw = torch.tensor([0, 1, -1, -(1 << 63)], dtype=torch.int64)  # bit patterns of big U64s
     data = raw.numpy().tobytes()
-    p = raw_st(tmp_path / "u.safetensors", {"u": {"dtype": "U64", "shape": [4],
-                                                  "data_offsets": [0, 32]}}, data)
+    p = raw_st(
+        tmp_path / "u.safetensors",
+        {"u": {"dtype": "U64", "shape": [4], "data_offsets": [0, 32]}},
+        data,
+    )
     [ref] = read_header(p).tensors
     with FileCache() as files:
         r = RowReader(files)
@@ -171,8 +213,14 @@ def test_f64_values_overflowing_moments_are_named(tmp_path: Path, scale: float) 
     x = torch.randn(16, 4, dtype=torch.float64) * scale
     d = model(tmp_path, {"w": x})
     ref = open_model(d).tensors["w"]
-    ts = TensorStats(ref, TensorRole("w", "other"), None, "other",
-                     MomentKernel(resolve_device("cpu"), 1 << 16).moments(x), None)
+    ts = TensorStats(
+        ref,
+        TensorRole("w", "other"),
+        None,
+        "other",
+        MomentKernel(resolve_device("cpu"), 1 << 16).moments(x),
+        None,
+    )
     with pytest.raises(CheckpointError, match="overflow float64 moments") as e:
         tensor_row(ts)
     assert "'w'" in str(e.value) and "model.safetensors" in str(e.value)
@@ -193,12 +241,18 @@ KIND_CASES: dict[str, Callable[[Path], None]] = {
     "FIFO weights": lambda d: fifo(d / "model.safetensors") and None,
     "FIFO config": lambda d: fifo(d / "config.json") and None,
     "FIFO index": lambda d: (fifo(d / "model.safetensors.index.json"), None)[1],
-    "directory weights": lambda d: ((d / "model.safetensors").unlink(),
-                                    (d / "model.safetensors").mkdir())[1],
-    "device weights": lambda d: ((d / "model.safetensors").unlink(),
-                                 (d / "model.safetensors").symlink_to("/dev/zero"))[1],
-    "symlink out of the folder": lambda d: ((d / "config.json").unlink(),
-                                            (d / "config.json").symlink_to(d.parent / "out.json"))[1],
+    "directory weights": lambda d: (
+        (d / "model.safetensors").unlink(),
+        (d / "model.safetensors").mkdir(),
+    )[1],
+    "device weights": lambda d: (
+        (d / "model.safetensors").unlink(),
+        (d / "model.safetensors").symlink_to("/dev/zero"),
+    )[1],
+    "symlink out of the folder": lambda d: (
+        (d / "config.json").unlink(),
+        (d / "config.json").symlink_to(d.parent / "out.json"),
+    )[1],
     "index through a symlinked sub-folder": lambda d: _sub_folder_escape(d),
     "refs/main escape": lambda d: _refs_escape(d),
 }
@@ -209,9 +263,16 @@ def _sub_folder_escape(d: Path) -> None:
     outside.mkdir()
     (d / "model.safetensors").rename(outside / "w.safetensors")
     (d / "sub").symlink_to(outside)
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "model.embed_tokens.weight": "sub/w.safetensors",
-        "model.layers.0.mlp.up_proj.weight": "sub/w.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "model.embed_tokens.weight": "sub/w.safetensors",
+                    "model.layers.0.mlp.up_proj.weight": "sub/w.safetensors",
+                }
+            }
+        )
+    )
 
 
 def _refs_escape(d: Path) -> None:
@@ -273,8 +334,10 @@ CONFIG_CASES: dict[str, tuple[object, str]] = {
     "float layers": ({**CONFIG, "num_hidden_layers": 2.5}, "must be an integer"),
     "hidden past every dim": ({**CONFIG, "hidden_size": 1 << 40}, "largest stored dimension"),
     "text_config list": ({**CONFIG, "text_config": [1]}, "text_config must be an object"),
-    "text_config billion layers": ({**CONFIG, "text_config": {"num_hidden_layers": 10**9}},
-                                   "text_config.num_hidden_layers"),
+    "text_config billion layers": (
+        {**CONFIG, "text_config": {"num_hidden_layers": 10**9}},
+        "text_config.num_hidden_layers",
+    ),
     "not an object": ([CONFIG], "JSON object"),
     "nested 100k deep": ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", "nests deeper"),
     "Infinity": ('{"num_hidden_layers": Infinity}', "NaN / Infinity"),
@@ -308,8 +371,10 @@ VOCAB_CASES: dict[str, tuple[object, str]] = {
     "id past range": ({"model": {"vocab": {"a": 0, "b": 1 << 40}}}, "ids must be integers"),
     "bool id": ({"model": {"vocab": {"a": True}}}, "ids must be integers"),
     "every token id 0": ({"model": {"vocab": {f"t{i}": 0 for i in range(100)}}}, "share only 1"),
-    "added tokens not a list": ({"model": {"vocab": {"a": 0}}, "added_tokens": {"x": 1}},
-                                "added_tokens"),
+    "added tokens not a list": (
+        {"model": {"vocab": {"a": 0}}, "added_tokens": {"x": 1}},
+        "added_tokens",
+    ),
     "unigram junk": ({"model": {"vocab": [1, 2]}}, "Unigram"),
 }
 
@@ -340,13 +405,23 @@ def test_good_tokenizer_still_parses(tmp_path: Path) -> None:
 
 def _signature(tmp_path: Path) -> dict:
     return {
-        "format": "npu_fp.signature", "schema_version": 1, "created_by": "test",
-        "identity": {"name": "m", "path": str(tmp_path), "num_layers": 1, "num_experts": 0,
-                     "experts_per_group": 0, "files": [{"name": "model.safetensors", "size": 10,
-                                                        "header_sha256": "ab"}]},
-        "settings": {}, "tensors": [{"name": "w", "layer": 0, "role": "mlp.up", "std": 1.0}],
+        "format": "npu_fp.signature",
+        "schema_version": 1,
+        "created_by": "test",
+        "identity": {
+            "name": "m",
+            "path": str(tmp_path),
+            "num_layers": 1,
+            "num_experts": 0,
+            "experts_per_group": 0,
+            "files": [{"name": "model.safetensors", "size": 10, "header_sha256": "ab"}],
+        },
+        "settings": {},
+        "tensors": [{"name": "w", "layer": 0, "role": "mlp.up", "std": 1.0}],
         "layers": [{"layer": 0, "role": "mlp.up", "group": None, "std": 1.0}],
-        "skipped": [], "unmapped": [], "warnings": [],
+        "skipped": [],
+        "unmapped": [],
+        "warnings": [],
     }
 
 
@@ -416,23 +491,39 @@ CLI_CASES: dict[str, Callable[[Path], Path]] = {
     "architectures int": lambda t: model(t, config={**CONFIG, "architectures": 5}),
     "deep config": lambda t: model(t, config='{"a":' + "[" * 100_000 + "]" * 100_000 + "}"),
     "bool shape": lambda t: _bool_shape(t),
-    "F64 1e155": lambda t: model(t, {"model.embed_tokens.weight": 1e155 * torch.randn(
-        8, 4, dtype=torch.float64), "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4)}),
+    "F64 1e155": lambda t: model(
+        t,
+        {
+            "model.embed_tokens.weight": 1e155 * torch.randn(8, 4, dtype=torch.float64),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4),
+        },
+    ),
 }
 
 
 def _giant(t: Path) -> Path:
     d = model(t)
     (d / "model.safetensors").unlink()
-    raw_st(d / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": {
-        "dtype": "F32", "shape": [1 << 62, 0], "data_offsets": [0, 0]}})
+    raw_st(
+        d / "model.safetensors",
+        {
+            "model.layers.0.mlp.up_proj.weight": {
+                "dtype": "F32",
+                "shape": [1 << 62, 0],
+                "data_offsets": [0, 0],
+            }
+        },
+    )
     return d
 
 
 def _bool_shape(t: Path) -> Path:
     d = model(t)
-    raw_st(d / "model.safetensors", {"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
-           b"\0" * 4)
+    raw_st(
+        d / "model.safetensors",
+        {"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
+        b"\0" * 4,
+    )
     return d
 
 
@@ -441,8 +532,19 @@ def _bool_shape(t: Path) -> Path:
 def test_cli_case_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
     d = CLI_CASES[case](tmp_path)
     out = tmp_path / "out"
-    r = run_cli(["-m", "npu_fp", "fingerprint", f"model.path={d}", f"hydra.run.dir={out}",
-                 "device=cpu", "progress=false"], cwd=tmp_path, timeout=120)
+    r = run_cli(
+        [
+            "-m",
+            "npu_fp",
+            "fingerprint",
+            f"model.path={d}",
+            f"hydra.run.dir={out}",
+            "device=cpu",
+            "progress=false",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
     if case == "zero-byte giant":  # legal per the reference: finishes, bounded, exit 0
         assert r.returncode == 0, r.stderr[-2000:]
         return
@@ -453,9 +555,12 @@ def test_cli_case_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
 
 COMPARE_CASES: dict[str, Callable[[Path, Path], None]] = {
     "fifo signature": lambda t, p: (fifo(p), None)[1],
-    "forged layer count": lambda t, p: p.write_text(dumps(_edit(_signature(t), "identity.num_layers",
-                                                                10**9))),
-    "NaN inside": lambda t, p: p.write_text(dumps(_signature(t)).replace('"std": 1.0', '"std": NaN')),
+    "forged layer count": lambda t, p: p.write_text(
+        dumps(_edit(_signature(t), "identity.num_layers", 10**9))
+    ),
+    "NaN inside": lambda t, p: p.write_text(
+        dumps(_signature(t)).replace('"std": 1.0', '"std": NaN')
+    ),
     "deep nesting": lambda t, p: p.write_text("[" * 100_000 + "]" * 100_000),
 }
 
@@ -467,8 +572,18 @@ def test_cli_compare_case_exit_2_nothing_left(tmp_path: Path, case: str) -> None
     good.write_text(dumps(_signature(tmp_path)))
     COMPARE_CASES[case](tmp_path, bad)
     out = tmp_path / "out"
-    r = run_cli(["-m", "npu_fp", "compare", f"signatures=[{good},{bad}]", f"hydra.run.dir={out}",
-                 "device=cpu"], cwd=tmp_path, timeout=120)
+    r = run_cli(
+        [
+            "-m",
+            "npu_fp",
+            "compare",
+            f"signatures=[{good},{bad}]",
+            f"hydra.run.dir={out}",
+            "device=cpu",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "npu-fp: error:" in r.stderr and "bad.json" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "report.json").exists()
@@ -479,8 +594,11 @@ def test_cli_run_dir_is_a_file(tmp_path: Path) -> None:
     d = model(tmp_path)
     out = tmp_path / "out"
     out.write_text("not a directory")
-    r = run_cli(["-m", "npu_fp", "fingerprint", f"model.path={d}", f"hydra.run.dir={out}",
-                 "device=cpu"], cwd=tmp_path, timeout=120)
+    r = run_cli(
+        ["-m", "npu_fp", "fingerprint", f"model.path={d}", f"hydra.run.dir={out}", "device=cpu"],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 2 and "is not a directory" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and out.read_text() == "not a directory"
 
@@ -490,15 +608,17 @@ def test_cli_full_disk_is_named(tmp_path: Path) -> None:
     """ENOSPC while writing outputs (simulated at the rename every output goes through)."""
     d = model(tmp_path)
     out = tmp_path / "out"
-    code = ("import errno, os, sys\n"
-            "def full(*a, **k):\n"
-            "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), a[1])\n"
-            "import npu_fp.io.atomic as atomic\n"
-            "atomic.os.replace = full\n"
-            "from npu_fp.__main__ import cli\n"
-            f"sys.argv = ['npu-fp', 'fingerprint', 'model.path={d}', 'hydra.run.dir={out}', "
-            "'device=cpu']\n"
-            "cli()\n")
+    code = (
+        "import errno, os, sys\n"
+        "def full(*a, **k):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), a[1])\n"
+        "import npu_fp.io.atomic as atomic\n"
+        "atomic.os.replace = full\n"
+        "from npu_fp.__main__ import cli\n"
+        f"sys.argv = ['npu-fp', 'fingerprint', 'model.path={d}', 'hydra.run.dir={out}', "
+        "'device=cpu']\n"
+        "cli()\n"
+    )
     r = run_cli(["-c", code], cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
@@ -508,8 +628,15 @@ def test_cli_full_disk_is_named(tmp_path: Path) -> None:
 # --- launch safety -----------------------------------------------------------------------------
 
 EVIL = "import os\nopen(os.environ['EVIL_MARK'], 'a').write(__name__ + '\\n')\n"
-SHADOWS = ("yaml.py", "numpy.py", "logging.py", "__future__.py", "xxhash.py", "errno.py",
-           "hydra_plugins/evil.py")
+SHADOWS = (
+    "yaml.py",
+    "numpy.py",
+    "logging.py",
+    "__future__.py",
+    "xxhash.py",
+    "errno.py",
+    "hydra_plugins/evil.py",
+)
 
 
 def hostile_folder(tmp_path: Path) -> Path:
@@ -530,8 +657,18 @@ def test_python_m_from_hostile_folder_runs_nothing_from_it(tmp_path: Path) -> No
     probe = run_cli(["-c", "import yaml"], cwd=d, env=env)
     assert probe.returncode == 0 and mark.read_text() == "yaml\n"
     mark.unlink()
-    r = run_cli(["-m", "npu_fp", "fingerprint", "model.path=.", f"hydra.run.dir={tmp_path / 'o'}",
-                 "device=cpu"], cwd=d, env=env)
+    r = run_cli(
+        [
+            "-m",
+            "npu_fp",
+            "fingerprint",
+            "model.path=.",
+            f"hydra.run.dir={tmp_path / 'o'}",
+            "device=cpu",
+        ],
+        cwd=d,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert not mark.exists(), mark.read_text()
 
@@ -540,12 +677,21 @@ def test_python_m_from_hostile_folder_runs_nothing_from_it(tmp_path: Path) -> No
 def test_launcher_from_hostile_folder_runs_nothing_from_it(tmp_path: Path) -> None:
     d = hostile_folder(tmp_path)
     mark = tmp_path / "evil.txt"
-    env = {"EVIL_MARK": str(mark), "NPROC": "1", "RUN_DIR": str(tmp_path / "o"),
-           "PYTHON": sys.executable,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run([str(REPO / "launch" / "run.sh"), "fingerprint", "model.path=.",
-                        "device=cpu"], cwd=d, env={**os.environ, **env}, capture_output=True,
-                       text=True, timeout=240)
+    env = {
+        "EVIL_MARK": str(mark),
+        "NPROC": "1",
+        "RUN_DIR": str(tmp_path / "o"),
+        "PYTHON": sys.executable,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    r = subprocess.run(
+        [str(REPO / "launch" / "run.sh"), "fingerprint", "model.path=.", "device=cpu"],
+        cwd=d,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert not mark.exists(), mark.read_text()
 
@@ -554,6 +700,9 @@ def test_launchers_and_readme_never_launch_with_dash_m() -> None:
     for f in (REPO / "launch").glob("*.sh"):
         text = f.read_text()
         assert " -m npu_fp" not in text, f
-    launches = [ln for ln in (REPO / "README.md").read_text().splitlines()
-                if ln.lstrip().startswith("torchrun")]
+    launches = [
+        ln
+        for ln in (REPO / "README.md").read_text().splitlines()
+        if ln.lstrip().startswith("torchrun")
+    ]
     assert launches and all("--no-python npu-fp" in ln for ln in launches), launches

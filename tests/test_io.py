@@ -28,8 +28,10 @@ def model_dir(tmp_path: Path, tensors: dict[str, torch.Tensor] | None = None) ->
     d = tmp_path / "m"
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text(json.dumps(CONFIG))
-    save_file(tensors or {"a": torch.arange(12.0).view(3, 4), "b": torch.ones(5)},
-              str(d / "model.safetensors"))
+    save_file(
+        tensors or {"a": torch.arange(12.0).view(3, 4), "b": torch.ones(5)},
+        str(d / "model.safetensors"),
+    )
     return d
 
 
@@ -49,10 +51,17 @@ def test_sharded_with_index(tmp_path: Path) -> None:
     (d / "config.json").write_text(json.dumps(CONFIG))
     save_file({"x": torch.ones(3)}, str(d / "model-00001-of-00002.safetensors"))
     save_file({"y": torch.zeros(4)}, str(d / "model-00002-of-00002.safetensors"))
-    (d / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": 999},  # generators disagree on this: never validated
-        "weight_map": {"x": "model-00001-of-00002.safetensors",
-                       "y": "model-00002-of-00002.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": 999},  # generators disagree on this: never validated
+                "weight_map": {
+                    "x": "model-00001-of-00002.safetensors",
+                    "y": "model-00002-of-00002.safetensors",
+                },
+            }
+        )
+    )
     src = open_model(d)
     assert list(src.tensors) == ["x", "y"] and len(src.files) == 2
 
@@ -80,13 +89,21 @@ def test_fp8_block_dequantization(tmp_path: Path) -> None:
     src = open_model(d)
     with FileCache() as files:
         r = RowReader(files)
-        x = r.widen(src.tensors["l.weight"], r.read(src.tensors["l.weight"], 100, 200), 100,
-                    src.tensors["l.weight_scale_inv"])
-    ref_full = q.to(torch.float32) * scale.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :130]
+        x = r.widen(
+            src.tensors["l.weight"],
+            r.read(src.tensors["l.weight"], 100, 200),
+            100,
+            src.tensors["l.weight_scale_inv"],
+        )
+    ref_full = (
+        q.to(torch.float32)
+        * scale.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :130]
+    )
     assert torch.equal(x, ref_full[100:200])
 
 
 # --- malformed inputs -------------------------------------------------------------------------
+
 
 def test_truncated_file(tmp_path: Path) -> None:
     d = model_dir(tmp_path)
@@ -117,8 +134,10 @@ def test_invalid_header_json(tmp_path: Path) -> None:
 
 
 def test_overlapping_offsets(tmp_path: Path) -> None:
-    hdr = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-           "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    hdr = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
     p = raw_safetensors(tmp_path / "x.safetensors", hdr, bytes(12))
     with pytest.raises(CheckpointError, match="'b'.*overlaps"):
         read_header(p)
@@ -140,8 +159,11 @@ def test_shape_dtype_disagree_with_byte_length(tmp_path: Path) -> None:
 
 def test_index_names_missing_shard(tmp_path: Path) -> None:
     d = model_dir(tmp_path)
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        )
+    )
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors.*missing"):
         open_model(d)
 
@@ -165,8 +187,10 @@ def test_duplicate_tensor_names_across_shards(tmp_path: Path) -> None:
 
 
 def test_duplicate_keys_inside_one_header(tmp_path: Path) -> None:
-    raw = (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-           b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}')
+    raw = (
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+        b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+    )
     p = tmp_path / "x.safetensors"
     p.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
     with pytest.raises(CheckpointError, match="duplicate tensor name 'a'"):
@@ -201,9 +225,12 @@ def test_invalid_index_json(tmp_path: Path) -> None:
 
 def test_index_lists_tensor_not_in_its_shard(tmp_path: Path) -> None:
     d = model_dir(tmp_path)
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model.safetensors", "ghost": "model.safetensors"}}))
-    with pytest.raises(CheckpointError, match="tensor 'ghost' is listed in model.safetensors but not"):
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model.safetensors", "ghost": "model.safetensors"}})
+    )
+    with pytest.raises(
+        CheckpointError, match="tensor 'ghost' is listed in model.safetensors but not"
+    ):
         open_model(d)
 
 
@@ -213,8 +240,9 @@ def test_index_names_the_wrong_shard(tmp_path: Path) -> None:
     (d / "config.json").write_text(json.dumps(CONFIG))
     save_file({"x": torch.ones(3)}, str(d / "a.safetensors"))
     save_file({"y": torch.ones(3)}, str(d / "b.safetensors"))
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"x": "b.safetensors", "y": "a.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "b.safetensors", "y": "a.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="'x' is listed in b.safetensors but stored in a"):
         open_model(d)
 

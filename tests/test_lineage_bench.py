@@ -21,14 +21,27 @@ def test_roc_auc_and_tpr_at_fpr() -> None:
     assert tpr_at_fpr([98.5, 99.5, 50.0], neg) == pytest.approx(2 / 3)  # cut: 2nd-highest, 98
 
 
-@pytest.mark.parametrize("doc, why", [
-    ({"models": {}}, "expected an object"),
-    ({"models": {"x": {}}, "pairs": []}, "expected {'path'"),
-    ({"models": {"x": {"path": "/nonexistent"}}, "pairs": [{"a": "x", "b": "x",
-                                                           "label": "related"}]}, "pair 0"),
-    ({"models": {"x": {"path": "/a"}, "y": {"path": "/b"}},
-      "pairs": [{"a": "x", "b": "y", "label": "maybe"}]}, "pair 0"),
-])
+@pytest.mark.parametrize(
+    "doc, why",
+    [
+        ({"models": {}}, "expected an object"),
+        ({"models": {"x": {}}, "pairs": []}, "expected {'path'"),
+        (
+            {
+                "models": {"x": {"path": "/nonexistent"}},
+                "pairs": [{"a": "x", "b": "x", "label": "related"}],
+            },
+            "pair 0",
+        ),
+        (
+            {
+                "models": {"x": {"path": "/a"}, "y": {"path": "/b"}},
+                "pairs": [{"a": "x", "b": "y", "label": "maybe"}],
+            },
+            "pair 0",
+        ),
+    ],
+)
 def test_bad_manifests_are_named(tmp_path: Path, doc: dict, why: str) -> None:
     p = tmp_path / "m.json"
     p.write_text(json.dumps(doc))
@@ -45,18 +58,28 @@ def test_benchmark_on_a_labelled_zoo(tmp_path: Path) -> None:
     cont = derive.continued_training(base, tmp_path / "cont", 33)
     manifest = {
         "source": "test zoo",
-        "models": {"base": {"path": str(base)}, "other": {"path": str(other)},
-                   "cont": {"path": str(cont)}, "gone": {"hf": "org/absent"}},
-        "pairs": [{"a": "base", "b": "cont", "label": "related"},
-                  {"a": "base", "b": "other", "label": "independent"},
-                  {"a": "cont", "b": "other", "label": "independent"},
-                  {"a": "base", "b": "gone", "label": "related"}],
+        "models": {
+            "base": {"path": str(base)},
+            "other": {"path": str(other)},
+            "cont": {"path": str(cont)},
+            "gone": {"hf": "org/absent"},
+        },
+        "pairs": [
+            {"a": "base", "b": "cont", "label": "related"},
+            {"a": "base", "b": "other", "label": "independent"},
+            {"a": "cont", "b": "other", "label": "independent"},
+            {"a": "base", "b": "gone", "label": "related"},
+        ],
     }
     mf = tmp_path / "manifest.json"
     mf.write_text(json.dumps(manifest))
-    cfg = RunConfig(command="benchmark", out_dir=str(tmp_path / "out"), device="cpu",
-                    progress=False, benchmark=BenchmarkConfig(pairs=str(mf),
-                                                              models_dir=str(tmp_path / "hf")))
+    cfg = RunConfig(
+        command="benchmark",
+        out_dir=str(tmp_path / "out"),
+        device="cpu",
+        progress=False,
+        benchmark=BenchmarkConfig(pairs=str(mf), models_dir=str(tmp_path / "hf")),
+    )
     result = json.loads(benchmark(cfg).read_text())
     assert result["overall"]["roc_auc"] == 1.0 and result["overall"]["related"] == 1
     assert result["overall"]["independent"] == 2 and result["false_positives"] == []
@@ -66,9 +89,15 @@ def test_benchmark_on_a_labelled_zoo(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "benchmark.md").read_text().startswith("# Lineage benchmark")
 
 
-@pytest.mark.parametrize("name, related, independent", [
-    ("awm.json", 60, 90), ("cisco_model_provenance_kit.json", 55, 56),
-    ("zhu_independence_tests_llama7b.json", 69, 141), ("leafbench.json", 104, 650)])
+@pytest.mark.parametrize(
+    "name, related, independent",
+    [
+        ("awm.json", 60, 90),
+        ("cisco_model_provenance_kit.json", 55, 56),
+        ("zhu_independence_tests_llama7b.json", 69, 141),
+        ("leafbench.json", 104, 650),
+    ],
+)
 def test_shipped_manifests_parse(name: str, related: int, independent: int) -> None:
     path = Path(__file__).resolve().parent.parent / "examples" / "manifests" / name
     m = load_manifest(path, None)

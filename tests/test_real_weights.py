@@ -26,8 +26,9 @@ from npu_fp.compare.verdict import DECISIVE
 from npu_fp.config import CompareConfig
 
 pytestmark = pytest.mark.slow
-CACHE = Path(os.environ.get("NPU_FP_REAL_CACHE",
-                            Path.home() / ".cache" / "npu_fp" / "real-weights"))
+CACHE = Path(
+    os.environ.get("NPU_FP_REAL_CACHE", Path.home() / ".cache" / "npu_fp" / "real-weights")
+)
 KEYS = ("M", "S", "E")  # G (gemma-3-270m) runs in benchmarks/real_weights.py: a 250 MB download
 
 
@@ -57,8 +58,9 @@ def test_real_independent_pairs_are_never_related(independent_report: dict) -> N
     assert me["verdict"] == "independent"
 
 
-def test_fitted_statistics_fail_on_real_nulls_and_are_not_decisive(independent_report: dict
-                                                                   ) -> None:
+def test_fitted_statistics_fail_on_real_nulls_and_are_not_decisive(
+    independent_report: dict,
+) -> None:
     """Why they are demoted: on real independent pairs the vocabulary-fitted z and MDIR's own
     bound report astronomically small p-values."""
     for p in independent_report["pairs"]:
@@ -74,28 +76,37 @@ def within_rows(real: dict[str, Path]) -> list[calibration.NullRow]:
         view = open_view(str(real[key]))
         hidden = view.shape(None, "embed.tok")[1]
         # seed 1: other pairs than the benchmark's calibration half (seed 0 and neighbours)
-        rows += calibration.within_model_null(key, view, hidden, CompareConfig(),
-                                              torch.device("cpu"),
-                                              calibration.layer_pairs(view.num_layers, pairs, 1))
+        rows += calibration.within_model_null(
+            key,
+            view,
+            hidden,
+            CompareConfig(),
+            torch.device("cpu"),
+            calibration.layer_pairs(view.num_layers, pairs, 1),
+        )
         view.close()
     return rows
 
 
 @pytest.mark.parametrize("family", ["unit_identity", "matched_units", "expert_units"])
 def test_decisive_family_false_positive_rate_on_within_model_nulls(
-        within_rows: list[calibration.NullRow], family: str) -> None:
+    within_rows: list[calibration.NullRow], family: str
+) -> None:
     fam = [r for r in within_rows if r.family == family]
     assert len(fam) >= 20, family
     for level in (0.05, 0.01):
         k = sum(r.log_p < math.log(level) for r in fam)
         # the observed rate may exceed the level by chance only: one-sided binomial test
-        assert stats.binomtest(k, len(fam), level, alternative="greater").pvalue > 1e-3, \
-            (family, level, k, len(fam))
+        assert stats.binomtest(k, len(fam), level, alternative="greater").pvalue > 1e-3, (
+            family,
+            level,
+            k,
+            len(fam),
+        )
     assert min(r.log_p for r in fam) > math.log(1e-6), family
 
 
-def test_inplace_z_is_invalid_on_within_model_nulls(within_rows: list[calibration.NullRow]
-                                                    ) -> None:
+def test_inplace_z_is_invalid_on_within_model_nulls(within_rows: list[calibration.NullRow]) -> None:
     """The elementwise self-normalised z is why in-place correlations are only reported: same-
     role matrices of different layers of one model reach p far below any threshold."""
     fam = [r for r in within_rows if r.family == "inplace"]
@@ -103,7 +114,8 @@ def test_inplace_z_is_invalid_on_within_model_nulls(within_rows: list[calibratio
 
 
 def test_unit_agreement_on_real_nulls_stays_inside_the_envelope(
-        within_rows: list[calibration.NullRow]) -> None:
+    within_rows: list[calibration.NullRow],
+) -> None:
     """Convergent features make separately fitted matchings agree on a few % of units (never
     chance level), but below the envelope the margin is computed from."""
     fam = [r for r in within_rows if r.family == "matched_units"]
@@ -112,8 +124,9 @@ def test_unit_agreement_on_real_nulls_stays_inside_the_envelope(
         assert r.statistic < envelope(r.matchings), (r.model, r.layer_a, r.layer_b)
 
 
-def test_real_related_copies_stay_related(real: dict[str, Path],
-                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_real_related_copies_stay_related(
+    real: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     base = realweights.first_layers(real["S"], CACHE / "derived" / "S8", 8)
     related = calibration.build_related(base, CACHE / "derived")
     out = tmp_path_factory.mktemp("real_rel")

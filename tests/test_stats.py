@@ -19,11 +19,18 @@ def reference(x: np.ndarray) -> dict:
     x = x.astype(np.float64).ravel()
     fin = x[np.isfinite(x)]
     return {
-        "mean": fin.mean(), "std": fin.std(ddof=1), "rms": np.sqrt(np.mean(fin**2)),
-        "l2": np.sqrt(np.sum(fin**2)), "min": fin.min(), "max": fin.max(),
-        "absmax": np.abs(fin).max(), "kurtosis": scipy.stats.kurtosis(fin),
-        "skew": scipy.stats.skew(fin), "nan": int(np.isnan(x).sum()),
-        "inf": int(np.isinf(x).sum()), "finite": fin.size,
+        "mean": fin.mean(),
+        "std": fin.std(ddof=1),
+        "rms": np.sqrt(np.mean(fin**2)),
+        "l2": np.sqrt(np.sum(fin**2)),
+        "min": fin.min(),
+        "max": fin.max(),
+        "absmax": np.abs(fin).max(),
+        "kurtosis": scipy.stats.kurtosis(fin),
+        "skew": scipy.stats.skew(fin),
+        "nan": int(np.isnan(x).sum()),
+        "inf": int(np.isinf(x).sum()),
+        "finite": fin.size,
     }
 
 

@@ -18,20 +18,62 @@ Kind = Literal["weight", "aux", "scale", "mtp"]
 # "moe.expert.{gate,up,down}" with `expert` set; shared experts "moe.shared.{gate,up,down}".
 ROLES: frozenset[str] = frozenset(
     {
-        "embed.tok", "embed.pos", "embed.type", "embed.norm", "embed.norm_bias", "head.lm",
-        "norm.final", "norm.final_bias", "pooler", "pooler_bias",
-        "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv",
-        "attn.q_bias", "attn.k_bias", "attn.v_bias", "attn.o_bias", "attn.qkv_bias",
-        "attn.q_norm", "attn.k_norm",
-        "attn.q_a", "attn.q_a_norm", "attn.q_b", "attn.kv_a", "attn.kv_a_norm", "attn.kv_b",
-        "norm.input", "norm.post_attn", "norm.attn_out", "norm.mlp_out",
-        "norm.input_bias", "norm.post_attn_bias", "norm.attn_out_bias", "norm.mlp_out_bias",
-        "mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up",
-        "mlp.gate_bias", "mlp.up_bias", "mlp.down_bias",
-        "moe.router", "moe.router_bias", "moe.router_scale", "moe.shared_gate",
-        "moe.expert.gate", "moe.expert.up", "moe.expert.down",
-        "moe.shared.gate", "moe.shared.up", "moe.shared.down",
-        "mtp", "aux", "other",
+        "embed.tok",
+        "embed.pos",
+        "embed.type",
+        "embed.norm",
+        "embed.norm_bias",
+        "head.lm",
+        "norm.final",
+        "norm.final_bias",
+        "pooler",
+        "pooler_bias",
+        "attn.q",
+        "attn.k",
+        "attn.v",
+        "attn.o",
+        "attn.qkv",
+        "attn.q_bias",
+        "attn.k_bias",
+        "attn.v_bias",
+        "attn.o_bias",
+        "attn.qkv_bias",
+        "attn.q_norm",
+        "attn.k_norm",
+        "attn.q_a",
+        "attn.q_a_norm",
+        "attn.q_b",
+        "attn.kv_a",
+        "attn.kv_a_norm",
+        "attn.kv_b",
+        "norm.input",
+        "norm.post_attn",
+        "norm.attn_out",
+        "norm.mlp_out",
+        "norm.input_bias",
+        "norm.post_attn_bias",
+        "norm.attn_out_bias",
+        "norm.mlp_out_bias",
+        "mlp.gate",
+        "mlp.up",
+        "mlp.down",
+        "mlp.gate_up",
+        "mlp.gate_bias",
+        "mlp.up_bias",
+        "mlp.down_bias",
+        "moe.router",
+        "moe.router_bias",
+        "moe.router_scale",
+        "moe.shared_gate",
+        "moe.expert.gate",
+        "moe.expert.up",
+        "moe.expert.down",
+        "moe.shared.gate",
+        "moe.shared.up",
+        "moe.shared.down",
+        "mtp",
+        "aux",
+        "other",
     }
 )
 
@@ -90,9 +132,7 @@ LAYER_PATTERNS = {
 EXPERT_PATTERN = re.compile(r"\.experts\.(\d+)\.")
 
 
-def contiguous_parts(
-    sizes: list[tuple[str, str, int]], dim: int = 0
-) -> tuple[PartSpec, ...]:
+def contiguous_parts(sizes: list[tuple[str, str, int]], dim: int = 0) -> tuple[PartSpec, ...]:
     """Parts laid out one after another along `dim`: [(part, role, size), ...]."""
     out, start = [], 0
     for part, role, size in sizes:

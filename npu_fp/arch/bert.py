@@ -18,10 +18,13 @@ from npu_fp.arch.spec import Family
 
 def bert(config: Mapping[str, Any]) -> Family:
     layer = {
-        "attention.self.query": "attn.q", "attention.self.key": "attn.k",
-        "attention.self.value": "attn.v", "attention.output.dense": "attn.o",
+        "attention.self.query": "attn.q",
+        "attention.self.key": "attn.k",
+        "attention.self.value": "attn.v",
+        "attention.output.dense": "attn.o",
         "attention.output.LayerNorm": "norm.post_attn",
-        "intermediate.dense": "mlp.up", "output.dense": "mlp.down",
+        "intermediate.dense": "mlp.up",
+        "output.dense": "mlp.down",
         "output.LayerNorm": "norm.mlp_out",
     }
     globals_ = {
@@ -32,6 +35,9 @@ def bert(config: Mapping[str, Any]) -> Family:
         "pooler.dense": "pooler",
     }
     return Family(
-        "bert", layer=layer, globals=globals_, layer_patterns=(LAYER_PATTERNS["bert"],),
+        "bert",
+        layer=layer,
+        globals=globals_,
+        layer_patterns=(LAYER_PATTERNS["bert"],),
         global_aux=("cls", "lm_head", "classifier", "qa_outputs"),
     )

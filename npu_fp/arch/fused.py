@@ -19,7 +19,12 @@ def _role(role: str, bias: bool) -> str:
 
 
 def _check(
-    name: str, shape: tuple[int, ...], bias: bool, dim: int, total: int, other: int | None,
+    name: str,
+    shape: tuple[int, ...],
+    bias: bool,
+    dim: int,
+    total: int,
+    other: int | None,
     layout: str,
 ) -> None:
     """Raise unless `shape` is [total] (bias) or has `total` along `dim` and `other` across it."""

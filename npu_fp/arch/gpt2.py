@@ -16,7 +16,8 @@ from npu_fp.arch.spec import Family, Rule
 
 def gpt2(config: Mapping[str, Any]) -> Family:
     layer = {
-        "ln_1": "norm.input", "ln_2": "norm.post_attn",
+        "ln_1": "norm.input",
+        "ln_2": "norm.post_attn",
         "attn.c_attn": Rule("attn.qkv", transposed=True, split=qkv_contiguous(1)),
         "attn.c_proj": Rule("attn.o", transposed=True),
         "mlp.c_fc": Rule("mlp.up", transposed=True),
@@ -24,6 +25,9 @@ def gpt2(config: Mapping[str, Any]) -> Family:
     }
     globals_ = {"wte": "embed.tok", "wpe": "embed.pos", "ln_f": "norm.final", "lm_head": "head.lm"}
     return Family(
-        "gpt2", layer=layer, globals=globals_, layer_patterns=(LAYER_PATTERNS["h"],),
+        "gpt2",
+        layer=layer,
+        globals=globals_,
+        layer_patterns=(LAYER_PATTERNS["h"],),
         layer_aux=frozenset({"attn.bias", "attn.masked_bias"}),
     )

@@ -16,8 +16,10 @@ from npu_fp.arch.fused import gate_up_halves, qkv_contiguous, qkv_grouped
 from npu_fp.arch.spec import Family, Rule
 
 ATTN = {
-    "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k",
-    "self_attn.v_proj": "attn.v", "self_attn.o_proj": "attn.o",
+    "self_attn.q_proj": "attn.q",
+    "self_attn.k_proj": "attn.k",
+    "self_attn.v_proj": "attn.v",
+    "self_attn.o_proj": "attn.o",
 }
 QK_NORM = {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
 DENSE_MLP = {"mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
@@ -25,18 +27,26 @@ DENSE_MLP = {"mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_pro
 PRE_NORM = {"input_layernorm": "norm.input", "post_attention_layernorm": "norm.post_attn"}
 # Sandwich norm: post_attention_layernorm normalises the attention output instead.
 GEMMA_SANDWICH = {
-    "input_layernorm": "norm.input", "post_attention_layernorm": "norm.attn_out",
-    "pre_feedforward_layernorm": "norm.post_attn", "post_feedforward_layernorm": "norm.mlp_out",
+    "input_layernorm": "norm.input",
+    "post_attention_layernorm": "norm.attn_out",
+    "pre_feedforward_layernorm": "norm.post_attn",
+    "post_feedforward_layernorm": "norm.mlp_out",
 }
 PANGU_SANDWICH = {
-    "input_layernorm": "norm.input", "post_attention_layernorm": "norm.attn_out",
-    "pre_mlp_layernorm": "norm.post_attn", "post_mlp_layernorm": "norm.mlp_out",
+    "input_layernorm": "norm.input",
+    "post_attention_layernorm": "norm.attn_out",
+    "pre_mlp_layernorm": "norm.post_attn",
+    "post_mlp_layernorm": "norm.mlp_out",
 }
 MLA = {
-    "self_attn.q_a_proj": "attn.q_a", "self_attn.q_a_layernorm": "attn.q_a_norm",
-    "self_attn.q_b_proj": "attn.q_b", "self_attn.q_proj": "attn.q",
-    "self_attn.kv_a_proj_with_mqa": "attn.kv_a", "self_attn.kv_a_layernorm": "attn.kv_a_norm",
-    "self_attn.kv_b_proj": "attn.kv_b", "self_attn.o_proj": "attn.o",
+    "self_attn.q_a_proj": "attn.q_a",
+    "self_attn.q_a_layernorm": "attn.q_a_norm",
+    "self_attn.q_b_proj": "attn.q_b",
+    "self_attn.q_proj": "attn.q",
+    "self_attn.kv_a_proj_with_mqa": "attn.kv_a",
+    "self_attn.kv_a_layernorm": "attn.kv_a_norm",
+    "self_attn.kv_b_proj": "attn.kv_b",
+    "self_attn.o_proj": "attn.o",
 }
 HF_GLOBALS = {"embed_tokens": "embed.tok", "norm": "norm.final", "lm_head": "head.lm"}
 
@@ -70,14 +80,18 @@ def gemma(config: Mapping[str, Any]) -> Family:
 
 def gemma2(config: Mapping[str, Any]) -> Family:
     return Family(
-        "gemma2", layer={**ATTN, **DENSE_MLP, **GEMMA_SANDWICH}, globals=HF_GLOBALS,
+        "gemma2",
+        layer={**ATTN, **DENSE_MLP, **GEMMA_SANDWICH},
+        globals=HF_GLOBALS,
         norm_offset=1.0,
     )
 
 
 def gemma3(config: Mapping[str, Any]) -> Family:
     return Family(
-        "gemma3", layer={**ATTN, **QK_NORM, **DENSE_MLP, **GEMMA_SANDWICH}, globals=HF_GLOBALS,
+        "gemma3",
+        layer={**ATTN, **QK_NORM, **DENSE_MLP, **GEMMA_SANDWICH},
+        globals=HF_GLOBALS,
         norm_offset=1.0,
     )
 
@@ -91,7 +105,9 @@ def openpangu_dense(config: Mapping[str, Any]) -> Family:
 def baichuan(config: Mapping[str, Any]) -> Family:
     layer = {
         "self_attn.W_pack": Rule("attn.qkv", split=qkv_contiguous(0)),
-        "self_attn.o_proj": "attn.o", **DENSE_MLP, **PRE_NORM,
+        "self_attn.o_proj": "attn.o",
+        **DENSE_MLP,
+        **PRE_NORM,
     }
     return Family("baichuan", layer=layer, globals=HF_GLOBALS)
 
@@ -101,7 +117,8 @@ def phi3(config: Mapping[str, Any]) -> Family:
         "self_attn.qkv_proj": Rule("attn.qkv", split=qkv_contiguous(0)),
         "self_attn.o_proj": "attn.o",
         "mlp.gate_up_proj": Rule("mlp.gate_up", split=gate_up_halves),
-        "mlp.down_proj": "mlp.down", **PRE_NORM,
+        "mlp.down_proj": "mlp.down",
+        **PRE_NORM,
     }
     return Family("phi3", layer=layer, globals=HF_GLOBALS)
 
@@ -110,8 +127,11 @@ def internlm2(config: Mapping[str, Any]) -> Family:
     layer = {
         "attention.wqkv": Rule("attn.qkv", split=qkv_grouped),
         "attention.wo": "attn.o",
-        "attention_norm": "norm.input", "ffn_norm": "norm.post_attn",
-        "feed_forward.w1": "mlp.gate", "feed_forward.w3": "mlp.up", "feed_forward.w2": "mlp.down",
+        "attention_norm": "norm.input",
+        "ffn_norm": "norm.post_attn",
+        "feed_forward.w1": "mlp.gate",
+        "feed_forward.w3": "mlp.up",
+        "feed_forward.w2": "mlp.down",
     }
     globals_ = {"tok_embeddings": "embed.tok", "norm": "norm.final", "output": "head.lm"}
     return Family("internlm2", layer=layer, globals=globals_)

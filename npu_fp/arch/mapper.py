@@ -29,9 +29,19 @@ _AUX_PARAMS = frozenset(
 # Name components that mark a non-LM tower in a multimodal checkpoint.
 _TOWERS = frozenset(
     {
-        "visual", "vision_tower", "vision_model", "vision_encoder", "image_encoder",
-        "audio_tower", "audio_model", "audio_encoder", "multi_modal_projector", "mm_projector",
-        "vision_projector", "talker", "token2wav",
+        "visual",
+        "vision_tower",
+        "vision_model",
+        "vision_encoder",
+        "image_encoder",
+        "audio_tower",
+        "audio_model",
+        "audio_encoder",
+        "multi_modal_projector",
+        "mm_projector",
+        "vision_projector",
+        "talker",
+        "token2wav",
     }
 )
 _OLD_NORM_NAMES = {"gamma": "weight", "beta": "bias"}  # TensorFlow-era BERT LayerNorm names
@@ -47,7 +57,7 @@ def lm_scope(names: Iterable[str], lm_prefix: str | None) -> dict[str, str | Non
     """Each name -> its name relative to the language model, or None when it is not LM."""
     names = list(names)
     if lm_prefix is not None:
-        return {n: n[len(lm_prefix):] if n.startswith(lm_prefix) else None for n in names}
+        return {n: n[len(lm_prefix) :] if n.startswith(lm_prefix) else None for n in names}
     # `model.language_model.` (transformers >= 4.52 VL models) or `language_model.` (LLaVA-style).
     marks = Counter(
         n[: n.index("language_model.") + len("language_model.")]
@@ -59,7 +69,7 @@ def lm_scope(names: Iterable[str], lm_prefix: str | None) -> dict[str, str | Non
     for n in names:
         if prefix:
             if n.startswith(prefix):
-                out[n] = n[len(prefix):]
+                out[n] = n[len(prefix) :]
             else:  # a VL model may keep its head outside the language model
                 out[n] = n if n.split(".", 1)[0] == "lm_head" else None
         else:
@@ -84,7 +94,7 @@ class _Mapper:
         for pattern in self.family.layer_patterns:
             m = pattern.search(local)
             if m:
-                return int(m.group(1)), local[m.end():]
+                return int(m.group(1)), local[m.end() :]
         return None, local
 
     def classify(self, name: str, local: str, shape: tuple[int, ...]) -> TensorRole | None:
@@ -152,7 +162,9 @@ class _Mapper:
             return None
         parts = rule.split(name, shape, self.dims, bias) if rule.split else ()
         return TensorRole(
-            name, role, layer=layer,
+            name,
+            role,
+            layer=layer,
             transposed=rule.transposed and not bias,
             norm_offset=self.family.norm_offset if role in NORM_GAIN_ROLES else 0.0,
             parts=parts,

@@ -22,11 +22,15 @@ from npu_fp.arch.llama_like import (
 from npu_fp.arch.mapper import num_experts_in
 from npu_fp.arch.spec import Family, config_int
 
-EXPERT_MLP = {"gate_proj": "moe.expert.gate", "up_proj": "moe.expert.up",
-              "down_proj": "moe.expert.down"}
+EXPERT_MLP = {
+    "gate_proj": "moe.expert.gate",
+    "up_proj": "moe.expert.up",
+    "down_proj": "moe.expert.down",
+}
 ROUTER = {"mlp.gate": "moe.router"}
 SHARED_EXPERT = {
-    "mlp.shared_expert.gate_proj": "moe.shared.gate", "mlp.shared_expert.up_proj": "moe.shared.up",
+    "mlp.shared_expert.gate_proj": "moe.shared.gate",
+    "mlp.shared_expert.up_proj": "moe.shared.up",
     "mlp.shared_expert.down_proj": "moe.shared.down",
 }
 SHARED_EXPERTS = {  # DeepSeek spelling
@@ -41,7 +45,11 @@ PANGU_DEFAULT_GROUPS = 8
 def qwen2_moe(config: Mapping[str, Any]) -> Family:
     # Dense layers (mlp_only_layers / decoder_sparse_step) keep mlp.{gate,up,down}_proj.
     layer = {
-        **ATTN, **PRE_NORM, **DENSE_MLP, **ROUTER, **SHARED_EXPERT,
+        **ATTN,
+        **PRE_NORM,
+        **DENSE_MLP,
+        **ROUTER,
+        **SHARED_EXPERT,
         "mlp.shared_expert_gate": "moe.shared_gate",
     }
     return Family("qwen2_moe", layer=layer, globals=HF_GLOBALS, experts=EXPERT_MLP)
@@ -57,7 +65,10 @@ def mixtral(config: Mapping[str, Any]) -> Family:
     # w1 gate, w2 down, w3 up: w2 is the down projection, not the up one.
     experts = {"w1": "moe.expert.gate", "w2": "moe.expert.down", "w3": "moe.expert.up"}
     return Family(
-        "mixtral", layer=layer, globals=HF_GLOBALS, experts=experts,
+        "mixtral",
+        layer=layer,
+        globals=HF_GLOBALS,
+        experts=experts,
         expert_containers=("block_sparse_moe",),
     )
 
@@ -89,7 +100,10 @@ def pangu_pro_moe(config: Mapping[str, Any]) -> Family:
     # o_proj carries a bias here (unlike Qwen2); the generic `.bias` rule maps it to attn.o_bias.
     layer = {**ATTN, **PRE_NORM, **ROUTER, **SHARED_EXPERT}
     return Family(
-        "pangu_pro_moe", layer=layer, globals=HF_GLOBALS, experts=EXPERT_MLP,
+        "pangu_pro_moe",
+        layer=layer,
+        globals=HF_GLOBALS,
+        experts=EXPERT_MLP,
         params={"mlp.router_scale": "moe.router_scale"},
         experts_per_group=pangu_group_size(config),
     )
@@ -106,5 +120,10 @@ def deepseek(config: Mapping[str, Any]) -> Family:
         "mlp.e_score_correction_bias": "moe.router_bias",
     }
     return Family(
-        "deepseek", layer=layer, globals=HF_GLOBALS, experts=EXPERT_MLP, params=params, mtp=True,
+        "deepseek",
+        layer=layer,
+        globals=HF_GLOBALS,
+        experts=EXPERT_MLP,
+        params=params,
+        mtp=True,
     )

@@ -20,20 +20,36 @@ Splitter = Callable[[str, tuple[int, ...], "Dims", bool], tuple[PartSpec, ...]]
 # A linear's ".bias" gets the bias role of its ".weight" role. Roles without an entry (the router
 # among them: its bias is not the selection bias `moe.router_bias`) leave the bias unmapped.
 BIAS_ROLES: dict[str, str] = {
-    "attn.q": "attn.q_bias", "attn.k": "attn.k_bias", "attn.v": "attn.v_bias",
-    "attn.o": "attn.o_bias", "attn.qkv": "attn.qkv_bias",
-    "norm.input": "norm.input_bias", "norm.post_attn": "norm.post_attn_bias",
-    "norm.attn_out": "norm.attn_out_bias", "norm.mlp_out": "norm.mlp_out_bias",
-    "norm.final": "norm.final_bias", "embed.norm": "embed.norm_bias",
-    "mlp.gate": "mlp.gate_bias", "mlp.up": "mlp.up_bias", "mlp.down": "mlp.down_bias",
+    "attn.q": "attn.q_bias",
+    "attn.k": "attn.k_bias",
+    "attn.v": "attn.v_bias",
+    "attn.o": "attn.o_bias",
+    "attn.qkv": "attn.qkv_bias",
+    "norm.input": "norm.input_bias",
+    "norm.post_attn": "norm.post_attn_bias",
+    "norm.attn_out": "norm.attn_out_bias",
+    "norm.mlp_out": "norm.mlp_out_bias",
+    "norm.final": "norm.final_bias",
+    "embed.norm": "embed.norm_bias",
+    "mlp.gate": "mlp.gate_bias",
+    "mlp.up": "mlp.up_bias",
+    "mlp.down": "mlp.down_bias",
     "pooler": "pooler_bias",
 }
 
 # Gains of normalisation layers: the roles a family's `norm_offset` applies to.
 NORM_GAIN_ROLES: frozenset[str] = frozenset(
     {
-        "norm.input", "norm.post_attn", "norm.attn_out", "norm.mlp_out", "norm.final",
-        "embed.norm", "attn.q_norm", "attn.k_norm", "attn.q_a_norm", "attn.kv_a_norm",
+        "norm.input",
+        "norm.post_attn",
+        "norm.attn_out",
+        "norm.mlp_out",
+        "norm.final",
+        "embed.norm",
+        "attn.q_norm",
+        "attn.k_norm",
+        "attn.q_a_norm",
+        "attn.kv_a_norm",
     }
 )
 

@@ -41,8 +41,11 @@ def has_activations(sig: Signature) -> bool:
 
 def norm_values(sig: Signature, stream: str) -> list[float | None]:
     """Per-layer `mean_norm` of `stream`, indexed by layer (None: absent or not finite)."""
-    rows = [r for r in (sig.doc.get("activations") or {}).get("rows") or []
-            if r.get("stream") == stream and isinstance(r.get("layer"), int) and r["layer"] >= 0]
+    rows = [
+        r
+        for r in (sig.doc.get("activations") or {}).get("rows") or []
+        if r.get("stream") == stream and isinstance(r.get("layer"), int) and r["layer"] >= 0
+    ]
     out: list[float | None] = [None] * (max((r["layer"] for r in rows), default=-1) + 1)
     for r in rows:
         v = r.get("mean_norm")
@@ -63,7 +66,8 @@ def activation_scores(a: Signature, b: Signature) -> dict[str, float | None]:
     curves = {s: (norm_curve(a, s), norm_curve(b, s)) for s in STREAMS}
     per = {s: construct(*curves[s]) for s in STREAMS}
     out: dict[str, float | None] = {
-        SEED_KEY: None if any(r is None for r in per.values())
+        SEED_KEY: None
+        if any(r is None for r in per.values())
         else float(np.mean(list(per.values())))
     }
     for suffix, corr, diff in VARIANTS:
@@ -91,8 +95,11 @@ def _shown(key: str, v: object) -> str:
 
 def settings_differences(sa: dict, sb: dict) -> list[str]:
     """`key: a vs b` per compared setting that differs (digests shortened to 12 characters)."""
-    return [f"{k}: {_shown(k, sa.get(k))} vs {_shown(k, sb.get(k))}" for k in COMPARED_SETTINGS
-            if sa.get(k) != sb.get(k)]
+    return [
+        f"{k}: {_shown(k, sa.get(k))} vs {_shown(k, sb.get(k))}"
+        for k in COMPARED_SETTINGS
+        if sa.get(k) != sb.get(k)
+    ]
 
 
 @dataclass(frozen=True)
@@ -118,8 +125,11 @@ def activation_bank(bank: list[Signature]) -> ActivationBank:
 
 
 def _unavailable_reason(a: Signature, b: Signature, names: tuple[str, str]) -> str | None:
-    lacking = [f"{n} ({s.path})" if s.path else n
-               for n, s in zip(names, (a, b), strict=True) if not has_activations(s)]
+    lacking = [
+        f"{n} ({s.path})" if s.path else n
+        for n, s in zip(names, (a, b), strict=True)
+        if not has_activations(s)
+    ]
     if not lacking:
         return None
     which = "signature " if len(lacking) == 1 else "signatures "
@@ -143,20 +153,27 @@ def _calibration(scores: dict[str, float | None], bank: ActivationBank | None) -
     if bank is None:
         return calibrate(scores, None), "uncalibrated (no reference bank: compare.bank=DIR)"
     if bank.models < MIN_BANK:
-        note = (f"uncalibrated: {bank.models} bank signature(s) carry activations, an empirical "
-                f"null needs at least {MIN_BANK} ({HOW} on the bank models)")
+        note = (
+            f"uncalibrated: {bank.models} bank signature(s) carry activations, an empirical "
+            f"null needs at least {MIN_BANK} ({HOW} on the bank models)"
+        )
         return {k: {"calibrated": False, "n_null": 0} for k in scores}, note
     note = f"empirical null over {bank.pairs} bank pairs with activations"
     return calibrate(scores, bank.null), note
 
 
-def activation_profile(a: Signature, b: Signature, names: tuple[str, str],
-                       bank: ActivationBank | None = None) -> dict:
+def activation_profile(
+    a: Signature, b: Signature, names: tuple[str, str], bank: ActivationBank | None = None
+) -> dict:
     """The pair record's `profiles.activation_norms`: scores, calibration, both sides' settings."""
     sa, sb = settings_of(a), settings_of(b)
-    out: dict = {"available": False, "reason": None, "scores": empty_scores(),
-                 "settings": {"a": sa, "b": sb, "differences": [], "comparable": None},
-                 "note": None}
+    out: dict = {
+        "available": False,
+        "reason": None,
+        "scores": empty_scores(),
+        "settings": {"a": sa, "b": sb, "differences": [], "comparable": None},
+        "note": None,
+    }
     reason = _unavailable_reason(a, b, names)
     if reason is not None:
         out["reason"] = reason
@@ -173,17 +190,24 @@ def activation_profile(a: Signature, b: Signature, names: tuple[str, str],
         out["reason"] = _score_gap(a, b, names)
     notes = []
     if diffs:
-        notes.append("activation settings differ (" + "; ".join(diffs) + "): norms from "
-                     "different corpora or batch shapes are not comparable, so these scores say "
-                     "nothing about lineage")
+        notes.append(
+            "activation settings differ (" + "; ".join(diffs) + "): norms from "
+            "different corpora or batch shapes are not comparable, so these scores say "
+            "nothing about lineage"
+        )
     calib, cnote = _calibration(scores, bank)
     if bank is not None and bank.models >= MIN_BANK:
-        other = sorted({d for s in bank.settings for d in settings_differences(sa, s)}
-                       | {d for s in bank.settings for d in settings_differences(sb, s)})
+        other = sorted(
+            {d for s in bank.settings for d in settings_differences(sa, s)}
+            | {d for s in bank.settings for d in settings_differences(sb, s)}
+        )
         out["bank_settings_match"] = not other
         if other:
-            notes.append("the bank's activations were taken with other settings ("
-                         + "; ".join(other) + "): its null does not describe these scores")
+            notes.append(
+                "the bank's activations were taken with other settings ("
+                + "; ".join(other)
+                + "): its null does not describe these scores"
+            )
     out["calibration"], out["calibration_note"] = calib, cnote
     out["note"] = " ".join(notes) or None
     return out

@@ -62,8 +62,11 @@ class Residual:
         return self.idx_a == ident and self.idx_b == ident and all(s > 0 for s in self.sign)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (torch.tensor(self.idx_a, dtype=torch.long), torch.tensor(self.idx_b, dtype=torch.long),
-                torch.tensor(self.sign, dtype=torch.float32))
+        return (
+            torch.tensor(self.idx_a, dtype=torch.long),
+            torch.tensor(self.idx_b, dtype=torch.long),
+            torch.tensor(self.sign, dtype=torch.float32),
+        )
 
 
 def identity(hidden: int) -> Residual:
@@ -79,22 +82,41 @@ def hidden_size(view: ModelView) -> int | None:
     return int(h) if isinstance(h, int) else None
 
 
-def shared_tokens(a: ModelView, b: ModelView, rows_a: int, rows_b: int
-                  ) -> tuple[list[int], list[int], str]:
+def shared_tokens(
+    a: ModelView, b: ModelView, rows_a: int, rows_b: int
+) -> tuple[list[int], list[int], str]:
     """Row ids of tokens both models have, and how the correspondence was established."""
     if a.vocab is not None and b.vocab is not None:
-        common = sorted(t for t in a.vocab.keys() & b.vocab.keys()
-                        if a.vocab[t] < rows_a and b.vocab[t] < rows_b)
-        return ([a.vocab[t] for t in common], [b.vocab[t] for t in common],
-                f"{len(common)} tokens shared by string")
+        common = sorted(
+            t
+            for t in a.vocab.keys() & b.vocab.keys()
+            if a.vocab[t] < rows_a and b.vocab[t] < rows_b
+        )
+        return (
+            [a.vocab[t] for t in common],
+            [b.vocab[t] for t in common],
+            f"{len(common)} tokens shared by string",
+        )
     missing = [v.root for v in (a, b) if v.vocab is None]
     why = "; ".join(v.vocab_note for v in (a, b) if v.vocab is None)
     if rows_a == rows_b:
         ids = list(range(rows_a))
-        return ids, ids, (f"no tokenizer for {', '.join(missing)} ({why}): token ids assumed "
-                          "to correspond (same vocabulary size)")
-    return [], [], (f"no tokenizer for {', '.join(missing)} ({why}) and the vocabulary sizes "
-                    f"differ ({rows_a} vs {rows_b}): no vocabulary alignment")
+        return (
+            ids,
+            ids,
+            (
+                f"no tokenizer for {', '.join(missing)} ({why}): token ids assumed "
+                "to correspond (same vocabulary size)"
+            ),
+        )
+    return (
+        [],
+        [],
+        (
+            f"no tokenizer for {', '.join(missing)} ({why}) and the vocabulary sizes "
+            f"differ ({rows_a} vs {rows_b}): no vocabulary alignment"
+        ),
+    )
 
 
 def subsample(n: int, cap: int, seed: int) -> np.ndarray:
@@ -128,8 +150,9 @@ def match_columns(c: np.ndarray) -> np.ndarray:
     return out
 
 
-def align_pair(a: ModelView, b: ModelView, device: torch.device, max_tokens: int, seed: int = 0
-               ) -> tuple[Residual | None, dict, list[dict]]:
+def align_pair(
+    a: ModelView, b: ModelView, device: torch.device, max_tokens: int, seed: int = 0
+) -> tuple[Residual | None, dict, list[dict]]:
     """(residual map or None, alignment evidence, head.lm test rows)."""
     ha, hb = hidden_size(a), hidden_size(b)
     info: dict = {"kind": "vocab_alignment", "hidden": [ha, hb], "powered": False}
@@ -178,25 +201,44 @@ def align_pair(a: ModelView, b: ModelView, device: torch.device, max_tokens: int
     perm = sum(1 for i, j in pairs if i != j)
     flips = sum(1 for s in sign if s < 0)
     info.update(
-        powered=True, z=z, log_p=logp, tokens_fit=len(ids_a[fit]), tokens_test=len(ids_a[test]),
-        matched_dims=len(pairs), median_abs_cos=float(held.abs().median()),
-        permuted_dims=perm, flipped_dims=flips,
+        powered=True,
+        z=z,
+        log_p=logp,
+        tokens_fit=len(ids_a[fit]),
+        tokens_test=len(ids_a[test]),
+        matched_dims=len(pairs),
+        median_abs_cos=float(held.abs().median()),
+        permuted_dims=perm,
+        flipped_dims=flips,
     )
     residual = Residual(tuple(ia), tuple(ib), tuple(sign), "vocabulary")
     if logp < math.log(ALIGN_P):
         chosen = residual
-        info["map"] = ("identity" if perm == 0 and flips == 0 and ha == hb
-                       else f"vocabulary: {perm} dims permuted, {flips} sign-flipped")
+        info["map"] = (
+            "identity"
+            if perm == 0 and flips == 0 and ha == hb
+            else f"vocabulary: {perm} dims permuted, {flips} sign-flipped"
+        )
     else:
         chosen = fallback
-        info["map"] = ("identity (vocabulary alignment not confirmed on held-out tokens)"
-                       if fallback else "none: hidden sizes differ and the vocabulary does not align")
+        info["map"] = (
+            "identity (vocabulary alignment not confirmed on held-out tokens)"
+            if fallback
+            else "none: hidden sizes differ and the vocabulary does not align"
+        )
     head_rows = _head_test(a, b, emb, ids_a, ids_b, chosen, device)
     return chosen, info, head_rows
 
 
-def _head_test(a: ModelView, b: ModelView, emb: str, ids_a: list[int], ids_b: list[int],
-               res: Residual | None, device: torch.device) -> list[dict]:
+def _head_test(
+    a: ModelView,
+    b: ModelView,
+    emb: str,
+    ids_a: list[int],
+    ids_b: list[int],
+    res: Residual | None,
+    device: torch.device,
+) -> list[dict]:
     """Untied output heads: shared-token rows compared in the aligned residual coordinates."""
     if emb != "embed.tok" or res is None or not (a.has(None, "head.lm") and b.has(None, "head.lm")):
         return []
@@ -217,8 +259,18 @@ def _head_test(a: ModelView, b: ModelView, emb: str, ids_a: list[int], ids_b: li
     xa, xb = xa - xa.mean(), xb - xb.mean()
     z = selfnorm_z(xa, xb)
     r = float(torch.nn.functional.cosine_similarity(xa.flatten(), xb.flatten(), dim=0))
-    return [{"role": "head.lm", "layer_a": None, "layer_b": None, "expert": None,
-             "n": int(xa.numel()), "r": r, "z": z, "log_p": log_norm_sf(z)}]
+    return [
+        {
+            "role": "head.lm",
+            "layer_a": None,
+            "layer_b": None,
+            "expert": None,
+            "n": int(xa.numel()),
+            "r": r,
+            "z": z,
+            "log_p": log_norm_sf(z),
+        }
+    ]
 
 
 def mdir_score(ea: torch.Tensor, eb: torch.Tensor) -> dict | None:
@@ -241,5 +293,11 @@ def mdir_score(ea: torch.Tensor, eb: torch.Tensor) -> dict | None:
     rho0 = 8.0 / (3.0 * math.pi) * math.sqrt(d / t)
     log_p = 0.0 if rho <= rho0 else -t * d * (rho - rho0) ** 2 / 2.0
     lp10 = log_p / math.log(10.0)
-    return {"statistic": rho, "null_center": rho0, "tokens": t, "dims": d, "log_p": log_p,
-            "p_text": f"1e{lp10:.0f}" if lp10 < -300 else f"{10 ** lp10:.3g}"}
+    return {
+        "statistic": rho,
+        "null_center": rho0,
+        "tokens": t,
+        "dims": d,
+        "log_p": log_p,
+        "p_text": f"1e{lp10:.0f}" if lp10 < -300 else f"{10**lp10:.3g}",
+    }

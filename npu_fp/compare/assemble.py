@@ -28,10 +28,15 @@ VERSION = 1
 def _model_row(e: Entry, sig: Signature) -> dict:
     ident = sig.identity
     return {
-        "name": e.name, "path": ident.get("path"), "arch": ident.get("architecture"),
-        "adapter": ident.get("adapter"), "num_layers": ident.get("num_layers"),
-        "num_experts": ident.get("num_experts"), "content_hash": ident.get("content_hash"),
-        "signature": e.signature_path, "weights": e.weights_note,
+        "name": e.name,
+        "path": ident.get("path"),
+        "arch": ident.get("architecture"),
+        "adapter": ident.get("adapter"),
+        "num_layers": ident.get("num_layers"),
+        "num_experts": ident.get("num_experts"),
+        "content_hash": ident.get("content_hash"),
+        "signature": e.signature_path,
+        "weights": e.weights_note,
         "activations": settings_of(sig),
     }
 
@@ -47,8 +52,12 @@ def _no_test_reason(a: Entry, b: Entry, prep) -> str:
     if prep is None:
         return "no weight-level test applies"
     if prep.residual is None:
-        return ("nothing comparable: " + str(prep.align.get("note", "")) + "; "
-                + str(prep.align.get("map", "hidden sizes differ")))
+        return (
+            "nothing comparable: "
+            + str(prep.align.get("note", ""))
+            + "; "
+            + str(prep.align.get("map", "hidden sizes differ"))
+        )
     return "no comparable tensors (no shared roles with matching shapes)"
 
 
@@ -58,9 +67,16 @@ def _expert_map(fams: list[dict], layers: list[dict]) -> dict | None:
         return None
     rows: dict[str, dict] = {}
     for b in blocks:
-        r = rows.setdefault(b["block"], {"block": b["block"], "expert": b["expert"],
-                                         "group": b["group"], "hist": np.zeros(len(b["hist"])),
-                                         "frac": []})
+        r = rows.setdefault(
+            b["block"],
+            {
+                "block": b["block"],
+                "expert": b["expert"],
+                "group": b["group"],
+                "hist": np.zeros(len(b["hist"])),
+                "frac": [],
+            },
+        )
         r["hist"] += np.asarray(b["hist"], dtype=np.float64)
         r["frac"].append(b["frac"])
     out = []
@@ -69,9 +85,17 @@ def _expert_map(fams: list[dict], layers: list[dict]) -> dict | None:
     return {"direction": blocks[0]["direction"], "pool_units": blocks[0]["pool"], "rows": out}
 
 
-def assemble(cfg: RunConfig, entries: list[Entry], pairs: list[tuple[int, int]], preps: dict,
-             matching: dict, layer_results: dict, blocked_fn, timing: dict,
-             bank: list[Signature] | None = None) -> dict:
+def assemble(
+    cfg: RunConfig,
+    entries: list[Entry],
+    pairs: list[tuple[int, int]],
+    preps: dict,
+    matching: dict,
+    layer_results: dict,
+    blocked_fn,
+    timing: dict,
+    bank: list[Signature] | None = None,
+) -> dict:
     cc = cfg.compare
     sigs = [load_signature(e.signature_path) for e in entries]
     null = bank_null(bank) if bank else None
@@ -94,23 +118,40 @@ def assemble(cfg: RunConfig, entries: list[Entry], pairs: list[tuple[int, int]],
         layers = by_pair.get(k, [])
         zmat = m["z"] if m else None
         depth_differs = sa.num_layers != sb.num_layers
-        fams = [] if blocked else families(
-            hashes, hash_note, prep.align if prep else None, prep.head_rows if prep else [],
-            layers, zmat, depth_differs)
+        fams = (
+            []
+            if blocked
+            else families(
+                hashes,
+                hash_note,
+                prep.align if prep else None,
+                prep.head_rows if prep else [],
+                layers,
+                zmat,
+                depth_differs,
+            )
+        )
         verdict = decide(fams, cc.p_threshold, cc.weak_p, blocked, _no_test_reason(a, b, prep))
         pair = {
-            "a": a.name, "b": b.name, **verdict,
+            "a": a.name,
+            "b": b.name,
+            **verdict,
             "honestagi_score": scores["honestagi_score"],
             "activation_score": act["scores"]["activation_score"],
             "evidence": rank_evidence(fams, profile_evidence(scores, calib)),
             "localization": _localization(fams),
             "alignment": prep.align if prep else None,
-            "profiles": {"scores": scores, "calibration": calib, "raw": raw_scales(sa, sb),
-                         "activation_norms": act},
+            "profiles": {
+                "scores": scores,
+                "calibration": calib,
+                "raw": raw_scales(sa, sb),
+                "activation_norms": act,
+            },
         }
         if m and m["z"] is not None:
             pair["layer_matching"] = {
-                "z": np.round(m["z"], 3).tolist(), "path": [list(p) for p in m["path"]],
+                "z": np.round(m["z"], 3).tolist(),
+                "path": [list(p) for p in m["path"]],
                 "monotone_path": [list(p) for p in m["dp_path"]],
                 "diagonal_margin": _margin(m["z"], m["dp_path"]),
                 "tested": "diagonal" if m["diagonal"] else "monotone matching",
@@ -120,17 +161,33 @@ def assemble(cfg: RunConfig, entries: list[Entry], pairs: list[tuple[int, int]],
             pair["expert_map"] = em
         out_pairs.append(pair)
     return {
-        "format": FORMAT, "version": VERSION,
-        "p_threshold": cc.p_threshold, "weak_p": cc.weak_p, "rule": RULE,
-        "bank": {"folder": cc.bank, "pairs": len(next(iter(null.values()), [])) if null else 0,
-                 "activation_models": act_bank.models if act_bank else 0,
-                 "activation_pairs": act_bank.pairs if act_bank else 0}
-        if cc.bank else None,
+        "format": FORMAT,
+        "version": VERSION,
+        "p_threshold": cc.p_threshold,
+        "weak_p": cc.weak_p,
+        "rule": RULE,
+        "bank": {
+            "folder": cc.bank,
+            "pairs": len(next(iter(null.values()), [])) if null else 0,
+            "activation_models": act_bank.models if act_bank else 0,
+            "activation_pairs": act_bank.pairs if act_bank else 0,
+        }
+        if cc.bank
+        else None,
         "models": [_model_row(e, s) for e, s in zip(entries, sigs, strict=True)],
         "pairs": out_pairs,
         "timing": timing,
-        "settings": {k: getattr(cc, k) for k in ("max_tokens", "lap_max_units", "proj_dim",
-                                                 "sketch_dim", "max_pool_units", "seed")},
+        "settings": {
+            k: getattr(cc, k)
+            for k in (
+                "max_tokens",
+                "lap_max_units",
+                "proj_dim",
+                "sketch_dim",
+                "max_pool_units",
+                "seed",
+            )
+        },
         "sketches": "none: weight-level tests stream from the checkpoints",
         "profile_signatures": [str(Path(e.signature_path)) for e in entries],
     }

@@ -98,8 +98,11 @@ def identity_test(parts_a: list[torch.Tensor], parts_b: list[torch.Tensor]) -> d
     B may have more units than A (m >= n): the permutation is then over all of B's m units and
     rows of A beyond n count as zero, which keeps the bound valid.
     """
-    pairs = [(pa, pb) for pa, pb in zip(parts_a, parts_b, strict=True)
-             if pa.ndim == 2 and pb.ndim == 2 and pa.shape[1] == pb.shape[1]]
+    pairs = [
+        (pa, pb)
+        for pa, pb in zip(parts_a, parts_b, strict=True)
+        if pa.ndim == 2 and pb.ndim == 2 and pa.shape[1] == pb.shape[1]
+    ]
     if not pairs:
         return None
     n, m = pairs[0][0].shape[0], pairs[0][1].shape[0]
@@ -133,6 +136,12 @@ def identity_test(parts_a: list[torch.Tensor], parts_b: list[torch.Tensor]) -> d
     mean = total / m
     if total / (n * m) > 0.999:  # every unit looks like every other: constant blocks
         return {"excluded": "constant weights (every unit identical)", "n": n, "m": m}
-    return {"n": n, "m": m, "x": x, "mean": mean, "mean_diag_cos": x / n,
-            "log_p": chatterjee_logp(x, mean),
-            "matching_units": int((diag > 0.5).sum())}
+    return {
+        "n": n,
+        "m": m,
+        "x": x,
+        "mean": mean,
+        "mean_diag_cos": x / n,
+        "log_p": chatterjee_logp(x, mean),
+        "matching_units": int((diag > 0.5).sum()),
+    }

@@ -78,15 +78,25 @@ def _display_names(cfg: RunConfig, defaults: list[str], names: list[str] | None)
     return out
 
 
-def resolve_entries(ctx: DistContext, cfg: RunConfig, models: list[str], signatures: list[str],
-                    out_dir: Path, names: list[str] | None = None) -> list[Entry]:
+def resolve_entries(
+    ctx: DistContext,
+    cfg: RunConfig,
+    models: list[str],
+    signatures: list[str],
+    out_dir: Path,
+    names: list[str] | None = None,
+) -> list[Entry]:
     """Fingerprint what is not cached (collective), load every signature; same list on all ranks."""
     if len(models) + len(signatures) < 2:
         raise CompareInputError(
             f"compare needs at least two inputs, got {len(models)} model(s) and {len(signatures)} "
             "signature(s): npu-fp compare models=[DIR1,DIR2] (or signatures=[A.json,B.json])"
         )
-    cache = Path(cfg.compare.cache_dir).expanduser() if cfg.compare.cache_dir else out_dir / "signatures"
+    cache = (
+        Path(cfg.compare.cache_dir).expanduser()
+        if cfg.compare.cache_dir
+        else out_dir / "signatures"
+    )
     error: BaseException | None = None
     keys: list[tuple[str, str]] = []
     try:
@@ -129,7 +139,7 @@ def resolve_entries(ctx: DistContext, cfg: RunConfig, models: list[str], signatu
         else:
             log.info("%s: reusing cached signature %s", root, sig_path)
         entries.append(Entry(name, str(sig_path), root, f"weights streamed from {root}"))
-    for sig, name in zip(sig_docs, display[len(keys):], strict=True):
+    for sig, name in zip(sig_docs, display[len(keys) :], strict=True):
         weights, note = weights_of(sig)
         entries.append(Entry(name, str(sig.path), weights, note))
     return entries

@@ -91,8 +91,13 @@ def _run_phase(ctx: DistContext, items: list[Any], costs: list[int], fn, label: 
         error = e
     main_raises_everywhere(ctx, error)
     gathered = gather_objects_to_main(ctx, results)
-    log.info("phase %s: %d items, %.2f s on rank %d", label, len(mine), time.perf_counter() - t0,
-             ctx.rank)
+    log.info(
+        "phase %s: %d items, %.2f s on rank %d",
+        label,
+        len(mine),
+        time.perf_counter() - t0,
+        ctx.rank,
+    )
     if gathered is None:
         return None
     merged = {k: v for part in gathered for k, v in part.items()}
@@ -105,22 +110,33 @@ def canonical_pairs(entries: list[Entry]) -> list[tuple[int, int]]:
     then name), not by the order they were given: compare(A, B) and compare(B, A) run the same
     computation and give the same verdict and p-value (the report lists `a` and `b` in this
     order)."""
-    keys = [(str(load_signature(e.signature_path).identity.get("content_hash") or ""), e.name)
-            for e in entries]
-    return [(i, j) if keys[i] <= keys[j] else (j, i)
-            for i, j in combinations(range(len(entries)), 2)]
+    keys = [
+        (str(load_signature(e.signature_path).identity.get("content_hash") or ""), e.name)
+        for e in entries
+    ]
+    return [
+        (i, j) if keys[i] <= keys[j] else (j, i) for i, j in combinations(range(len(entries)), 2)
+    ]
 
 
 def _blocked(a: Entry, b: Entry) -> str | None:
     if a.signature_path == b.signature_path or (a.weights and a.weights == b.weights):
-        return (f"self-comparison: {a.name} and {b.name} are the same model "
-                f"({a.weights or a.signature_path}); lineage is not tested against itself")
+        return (
+            f"self-comparison: {a.name} and {b.name} are the same model "
+            f"({a.weights or a.signature_path}); lineage is not tested against itself"
+        )
     return None
 
 
-def compare_models(ctx: DistContext, cfg: RunConfig, models: list[str], signatures: list[str],
-                   out_dir: Path, names: list[str] | None = None,
-                   only: set[frozenset[str]] | None = None) -> Path | None:
+def compare_models(
+    ctx: DistContext,
+    cfg: RunConfig,
+    models: list[str],
+    signatures: list[str],
+    out_dir: Path,
+    names: list[str] | None = None,
+    only: set[frozenset[str]] | None = None,
+) -> Path | None:
     """Collective: compare every pair; rank 0 writes the report and returns its path."""
     t_start = time.perf_counter()
     cc = cfg.compare
@@ -133,9 +149,13 @@ def compare_models(ctx: DistContext, cfg: RunConfig, models: list[str], signatur
     if only is not None:  # a labelled benchmark asks for some pairs, not all N^2 / 2
         pairs = [(i, j) for i, j in pairs if frozenset((entries[i].name, entries[j].name)) in only]
     views = _Views(cfg)
-    weighted = [k for k, (i, j) in enumerate(pairs) if entries[i].weights and entries[j].weights
-                and not _blocked(entries[i], entries[j])]
+    weighted = [
+        k
+        for k, (i, j) in enumerate(pairs)
+        if entries[i].weights and entries[j].weights and not _blocked(entries[i], entries[j])
+    ]
     try:
+
         def emb_cost(k: int) -> int:
             i, j = pairs[k]
             return sum(views(entries[x].weights).nbytes(None, "embed.tok") for x in (i, j))
@@ -146,21 +166,28 @@ def compare_models(ctx: DistContext, cfg: RunConfig, models: list[str], signatur
 
         preps = _run_phase(ctx, weighted, [emb_cost(k) for k in weighted], do_prep, "align")
         preps = broadcast_object(ctx, preps)
-        sk_items = [(k, side, layer) for k in weighted if preps[k].residual is not None
-                    for side, e in (("a", pairs[k][0]), ("b", pairs[k][1]))
-                    for layer in range(views(entries[e].weights).num_layers)]
+        sk_items = [
+            (k, side, layer)
+            for k in weighted
+            if preps[k].residual is not None
+            for side, e in (("a", pairs[k][0]), ("b", pairs[k][1]))
+            for layer in range(views(entries[e].weights).num_layers)
+        ]
 
         def view_of(k: int, side: str) -> ModelView:
             return views(entries[pairs[k][0 if side == "a" else 1]].weights)
 
         def sk_cost(item: tuple) -> int:
             k, side, layer = item
-            return sum(view_of(k, side).nbytes(layer, r) for r in ("attn.q", "attn.k", "attn.v", "attn.o"))
+            return sum(
+                view_of(k, side).nbytes(layer, r) for r in ("attn.q", "attn.k", "attn.v", "attn.o")
+            )
 
         def do_sketch(item: tuple) -> dict:
             k, side, layer = item
-            return layer_sketch(view_of(k, side), layer, preps[k].residual, side, device,
-                                cc.sketch_dim)
+            return layer_sketch(
+                view_of(k, side), layer, preps[k].residual, side, device, cc.sketch_dim
+            )
 
         sketches = _run_phase(ctx, sk_items, [sk_cost(x) for x in sk_items], do_sketch, "sketch")
         matching, error = None, None
@@ -171,8 +198,9 @@ def compare_models(ctx: DistContext, cfg: RunConfig, models: list[str], signatur
                 error = e
         main_raises_everywhere(ctx, error)
         matching = broadcast_object(ctx, matching)
-        lp_items = [(k, la, lb, matching[k]["diagonal"]) for k in matching
-                    for la, lb in matching[k]["path"]]
+        lp_items = [
+            (k, la, lb, matching[k]["diagonal"]) for k in matching for la, lb in matching[k]["path"]
+        ]
 
         def lp_cost(item: tuple) -> int:
             k, la, lb, _ = item
@@ -182,24 +210,30 @@ def compare_models(ctx: DistContext, cfg: RunConfig, models: list[str], signatur
             k, la, lb, diag = item
             return layer_pair(view_of(k, "a"), view_of(k, "b"), la, lb, preps[k], cc, device, diag)
 
-        layer_results = _run_phase(ctx, lp_items, [lp_cost(x) for x in lp_items], do_layer, "layers")
+        layer_results = _run_phase(
+            ctx, lp_items, [lp_cost(x) for x in lp_items], do_layer, "layers"
+        )
     finally:
         views.close()
     if not ctx.is_main:
         return None
     from npu_fp.compare.assemble import assemble
 
-    timing = {"fingerprint_s": round(t_fp, 3),
-              "pairwise_s": round(time.perf_counter() - t_start - t_fp, 3),
-              "world_size": ctx.world_size, "device": ctx.device.type}
+    timing = {
+        "fingerprint_s": round(t_fp, 3),
+        "pairwise_s": round(time.perf_counter() - t_start - t_fp, 3),
+        "world_size": ctx.world_size,
+        "device": ctx.device.type,
+    }
     doc = assemble(cfg, entries, pairs, preps, matching, layer_results, _blocked, timing, bank)
     from npu_fp.report.compare_report import write_report
 
     return write_report(doc, out_dir)
 
 
-def _layer_matching(sketches: dict | None, weighted: list[int], pairs: list, entries: list[Entry],
-                    views: _Views) -> dict[int, dict]:
+def _layer_matching(
+    sketches: dict | None, weighted: list[int], pairs: list, entries: list[Entry], views: _Views
+) -> dict[int, dict]:
     """Rank 0: layer x layer z matrix and the monotone matching per pair."""
     assert sketches is not None
     out: dict[int, dict] = {}
@@ -217,6 +251,10 @@ def _layer_matching(sketches: dict | None, weighted: list[int], pairs: list, ent
                     z[la, lb], have = v, True
         diagonal = la_n == lb_n
         path = [(x, x) for x in range(la_n)] if diagonal else (monotone_match(z) if have else [])
-        out[k] = {"z": z if have else None, "path": path, "diagonal": diagonal,
-                  "dp_path": monotone_match(z) if have else []}
+        out[k] = {
+            "z": z if have else None,
+            "path": path,
+            "diagonal": diagonal,
+            "dp_path": monotone_match(z) if have else [],
+        }
     return out

@@ -49,7 +49,10 @@ def margin_logp(agree: int, n: int, matchings: int) -> float:
     lp = float(stats.binom.logsf(agree - 1, n, q0))
     if not math.isfinite(lp):  # beyond float range: Chernoff bound n * KL(agree / n || q0)
         f = agree / n
-        kl = f * math.log(f / q0) + (1 - f) * math.log((1 - f) / (1 - q0)) if f < 1 else \
-            math.log(1 / q0)
+        kl = (
+            f * math.log(f / q0) + (1 - f) * math.log((1 - f) / (1 - q0))
+            if f < 1
+            else math.log(1 / q0)
+        )
         lp = -n * kl
     return min(0.0, lp)

@@ -46,8 +46,9 @@ def prepare(a: ModelView, b: ModelView, cfg: CompareConfig, device: torch.device
     return Prep(res, info, head_rows)
 
 
-def layer_sketch(view: ModelView, layer: int, res: Residual, side: str, device: torch.device,
-                 k: int) -> dict[str, torch.Tensor]:
+def layer_sketch(
+    view: ModelView, layer: int, res: Residual, side: str, device: torch.device, k: int
+) -> dict[str, torch.Tensor]:
     out = {}
     for role in ATTN:
         m = view.read(layer, role)
@@ -59,8 +60,9 @@ def layer_sketch(view: ModelView, layer: int, res: Residual, side: str, device: 
 class _Layer:
     """One layer of one model, read lazily and at most once per tensor."""
 
-    def __init__(self, view: ModelView, layer: int, res: Residual, side: str,
-                 device: torch.device) -> None:
+    def __init__(
+        self, view: ModelView, layer: int, res: Residual, side: str, device: torch.device
+    ) -> None:
         self.view, self.layer, self.res, self.side, self.device = view, layer, res, side, device
         self._cache: dict[tuple[str, int | None], torch.Tensor | None] = {}
 
@@ -81,7 +83,9 @@ class _Layer:
         out: list[tuple[str, int | None, dict[str, str]]] = []
         if self.view.has(self.layer, "mlp.gate") or self.view.has(self.layer, "mlp.up"):
             out.append(("mlp", None, FFN))
-        if self.view.has(self.layer, "moe.shared.gate") or self.view.has(self.layer, "moe.shared.up"):
+        if self.view.has(self.layer, "moe.shared.gate") or self.view.has(
+            self.layer, "moe.shared.up"
+        ):
             out.append(("shared", None, SHARED))
         out += [(f"expert {e}", e, EXPERT) for e in self.view.experts(self.layer)]
         return out
@@ -106,8 +110,16 @@ def _heads(view: ModelView) -> tuple[int | None, int | None]:
     return (nh if isinstance(nh, int) else None, nkv if isinstance(nkv, int) else None)
 
 
-def layer_pair(a: ModelView, b: ModelView, la: int, lb: int, prep: Prep, cfg: CompareConfig,
-               device: torch.device, diagonal: bool) -> dict:
+def layer_pair(
+    a: ModelView,
+    b: ModelView,
+    la: int,
+    lb: int,
+    prep: Prep,
+    cfg: CompareConfig,
+    device: torch.device,
+    diagonal: bool,
+) -> dict:
     """All tests between layer `la` of A and layer `lb` of B.
 
     `diagonal` is False when the pair was chosen by the attention-based layer matching; attention
@@ -123,7 +135,9 @@ def layer_pair(a: ModelView, b: ModelView, la: int, lb: int, prep: Prep, cfg: Co
     if diagonal:
         roles += [(r, None) for r in ATTN]
     roles += [(r, None) for r in (*FFN.values(), *SHARED.values(), "moe.router")]
-    roles += [(r, e) for e in sorted(set(a.experts(la)) & set(b.experts(lb))) for r in EXPERT.values()]
+    roles += [
+        (r, e) for e in sorted(set(a.experts(la)) & set(b.experts(lb))) for r in EXPERT.values()
+    ]
     for role, expert in roles:
         if not (a.has(la, role, expert) and b.has(lb, role, expert)):
             continue
@@ -143,12 +157,22 @@ def layer_pair(a: ModelView, b: ModelView, la: int, lb: int, prep: Prep, cfg: Co
             qb = {k[-1]: B.units(k) for k in ATTN}
             qa = {k: v for k, v in qa.items() if v is not None}
             qb = {k: v for k, v in qb.items() if v is not None}
-            if qa.get("q") is not None and qb.get("q") is not None and qa["q"].shape == qb["q"].shape:
+            if (
+                qa.get("q") is not None
+                and qb.get("q") is not None
+                and qa["q"].shape == qb["q"].shape
+            ):
                 head = head_test(qa, qb, nh_a, nkv_a or nh_a, cfg.lap_max_units)
     if head is not None:
         head.update(layer_a=la, layer_b=lb)
-    return {"layer_a": la, "layer_b": lb, "inplace": inplace, "blocks": blocks, "heads": head,
-            "identity": identity}
+    return {
+        "layer_a": la,
+        "layer_b": lb,
+        "inplace": inplace,
+        "blocks": blocks,
+        "heads": head,
+        "identity": identity,
+    }
 
 
 # Families whose heads are not exchangeable (a fixed per-head ALiBi slope orders them), so an
@@ -166,8 +190,9 @@ def _group_rows(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(groups, (x.shape[0] // groups) * x.shape[1])
 
 
-def _identity_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: int,
-                    diagonal: bool) -> list[dict]:
+def _identity_tests(
+    a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: int, diagonal: bool
+) -> list[dict]:
     """Exact identity tests (compare/exact.py) on every unit axis both layers share: the FFN
     units of the dense MLP, of the shared expert and of each same-index routed expert, and (for
     layers paired by position, not chosen by the attention-based matching) the KV groups."""
@@ -180,8 +205,17 @@ def _identity_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, l
         keys = [k for k in ("gate", "up", "down") if k in ba and k in bb]
         t = identity_test([ba[k] for k in keys], [bb[k] for k in keys]) if keys else None
         if t is not None:
-            out.append({"role": "mlp" if label == "mlp" else label, "unit": "ffn unit",
-                        "layer_a": la, "layer_b": lb, "expert": e, "parts": keys, **t})
+            out.append(
+                {
+                    "role": "mlp" if label == "mlp" else label,
+                    "unit": "ffn unit",
+                    "layer_a": la,
+                    "layer_b": lb,
+                    "expert": e,
+                    "parts": keys,
+                    **t,
+                }
+            )
     if diagonal and not (_ordered_heads(a) or _ordered_heads(b)):
         (nh_a, nkv_a), (nh_b, nkv_b) = _heads(a), _heads(b)
         if nh_a and nh_a == nh_b and (nkv_a or nh_a) == (nkv_b or nh_b):
@@ -195,13 +229,22 @@ def _identity_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, l
                 pb.append(_group_rows(xb, groups))
             t = identity_test(pa, pb) if pa else None
             if t is not None:
-                out.append({"role": "attn", "unit": "kv group", "layer_a": la, "layer_b": lb,
-                            "expert": None, **t})
+                out.append(
+                    {
+                        "role": "attn",
+                        "unit": "kv group",
+                        "layer_a": la,
+                        "layer_b": lb,
+                        "expert": None,
+                        **t,
+                    }
+                )
     return out
 
 
-def _block_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: int,
-                 cfg: CompareConfig) -> list[dict]:
+def _block_tests(
+    a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: int, cfg: CompareConfig
+) -> list[dict]:
     """Blocks of the model with more FFN blocks (the MoE) matched into the other's units."""
     blocks_a, blocks_b = A.blocks(), B.blocks()
     if not blocks_a or not blocks_b:
@@ -210,8 +253,13 @@ def _block_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: 
     pool_parts = [dst.block(e, roles) for _, e, roles in dst.blocks()]
     pool_units = sum(next(iter(p.values())).shape[0] for p in pool_parts if p)
     if pool_units > cfg.max_pool_units:
-        log.warning("layer %d/%d: %d pool units exceed compare.max_pool_units=%d; unit matching "
-                    "skipped", la, lb, pool_units, cfg.max_pool_units)
+        log.warning(
+            "layer %d/%d: %d pool units exceed compare.max_pool_units=%d; unit matching skipped",
+            la,
+            lb,
+            pool_units,
+            cfg.max_pool_units,
+        )
         return []
     pool_parts = [p for p in pool_parts if p]
     local = None
@@ -229,6 +277,15 @@ def _block_tests(a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: 
         if t is None:
             continue
         group = src.view.group_of(src.layer, expert) if expert is not None else None
-        out.append({"block": label, "expert": expert, "group": group, "direction": direction,
-                    "layer_a": la, "layer_b": lb, **t})
+        out.append(
+            {
+                "block": label,
+                "expert": expert,
+                "group": group,
+                "direction": direction,
+                "layer_a": la,
+                "layer_b": lb,
+                **t,
+            }
+        )
     return out

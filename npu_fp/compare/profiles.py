@@ -47,7 +47,9 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 # (key suffix, correlation, first differences): the seed construction and its two variants
 VARIANTS: tuple[tuple[str, Corr, bool], ...] = (
-    ("", _pearson, False), ("_spearman", _spearman, False), ("_diff", _pearson, True),
+    ("", _pearson, False),
+    ("_spearman", _spearman, False),
+    ("_diff", _pearson, True),
 )
 
 
@@ -69,8 +71,9 @@ def resample(x: np.ndarray, n: int) -> np.ndarray:
     return np.interp(np.linspace(0, len(x) - 1, n), np.arange(len(x)), x)
 
 
-def construct(a: np.ndarray | None, b: np.ndarray | None, corr: Corr = _pearson,
-              diff: bool = False) -> float | None:
+def construct(
+    a: np.ndarray | None, b: np.ndarray | None, corr: Corr = _pearson, diff: bool = False
+) -> float | None:
     if a is None or b is None:
         return None
     za, zb = _z(a), _z(b)
@@ -159,8 +162,11 @@ def raw_scales(a: Signature, b: Signature) -> dict[str, dict]:
         # gains centred on 0 whatever the family (Gemma stores w with (1 + w) applied)
         ga = ma + _norm_offset(a, role) - 1.0
         gb = mb + _norm_offset(b, role) - 1.0
-        out[role] = {"centred_gain_mean_a": float(ga.mean()), "centred_gain_mean_b": float(gb.mean()),
-                     "centred_gain_pearson": construct(ga, gb)}
+        out[role] = {
+            "centred_gain_mean_a": float(ga.mean()),
+            "centred_gain_mean_b": float(gb.mean()),
+            "centred_gain_pearson": construct(ga, gb),
+        }
     return out
 
 
@@ -168,8 +174,10 @@ def load_bank(folder: str | Path) -> list[Signature]:
     """Signatures of known-independent models: every loadable *.json under `folder`."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise SignatureError(f"compare.bank={folder}: not a folder (point it at a folder of "
-                             "signatures of known-independent models)")
+        raise SignatureError(
+            f"compare.bank={folder}: not a folder (point it at a folder of "
+            "signatures of known-independent models)"
+        )
     sigs, bad = [], []
     for p in sorted(root.rglob("*.json")):
         try:

@@ -91,7 +91,9 @@ def layered_logp(tests: Sequence[tuple[object, float]]) -> float:
     groups: dict[object, list[float]] = {}
     for key, lp in tests:
         groups.setdefault(key, []).append(lp)
-    return fisher_logp([cauchy_logp(v) for _, v in sorted(groups.items(), key=lambda kv: str(kv[0]))])
+    return fisher_logp(
+        [cauchy_logp(v) for _, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    )
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:

@@ -59,14 +59,21 @@ class ModelView:
         return (layer, role, expert) in self.index
 
     def experts(self, layer: int) -> list[int]:
-        return sorted({k[2] for k in self.index if k[0] == layer and k[1] == "moe.expert.gate"
-                       and k[2] is not None})
+        return sorted(
+            {
+                k[2]
+                for k in self.index
+                if k[0] == layer and k[1] == "moe.expert.gate" and k[2] is not None
+            }
+        )
 
     def group_of(self, layer: int, expert: int) -> int | None:
         name, _ = self.index[(layer, "moe.expert.gate", expert)]
         return self.rolemap.roles[name].group
 
-    def shape(self, layer: int | None, role: str, expert: int | None = None) -> tuple[int, int] | None:
+    def shape(
+        self, layer: int | None, role: str, expert: int | None = None
+    ) -> tuple[int, int] | None:
         """[out, in] shape of the role (a fused part's own extent), None when absent or not 2-D."""
         entry = self.index.get((layer, role, expert))
         if entry is None:
@@ -85,8 +92,11 @@ class ModelView:
         return 0 if entry is None else self.source.tensors[entry[0]].nbytes
 
     def layer_bytes(self, layer: int) -> int:
-        return sum(self.source.tensors[name].nbytes for (lay, _, _), (name, part) in self.index.items()
-                   if lay == layer and part is None)
+        return sum(
+            self.source.tensors[name].nbytes
+            for (lay, _, _), (name, part) in self.index.items()
+            if lay == layer and part is None
+        )
 
     def ref(self, layer: int | None, role: str, expert: int | None = None) -> TensorRef | None:
         entry = self.index.get((layer, role, expert))
@@ -181,4 +191,3 @@ def open_view(path: str, lm_prefix: str | None = None) -> ModelView:
     rolemap = map_roles(source.config, shapes, lm_prefix)
     vocab, note = read_vocab(source.root)
     return ModelView(source, rolemap, build_index(rolemap), vocab, note)
-

@@ -27,14 +27,27 @@ from npu_fp.compare.margins import margin_logp
 from npu_fp.compare.stats import agreement_z, log_norm_sf, spearman
 
 # Roles whose matrix reads the residual stream on its input side (columns); the others write it.
-READERS = frozenset({"attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up", "moe.router",
-                     "moe.expert.gate", "moe.expert.up", "moe.shared.gate", "moe.shared.up"})
+READERS = frozenset(
+    {
+        "attn.q",
+        "attn.k",
+        "attn.v",
+        "mlp.gate",
+        "mlp.up",
+        "moe.router",
+        "moe.expert.gate",
+        "moe.expert.up",
+        "moe.shared.gate",
+        "moe.shared.up",
+    }
+)
 WRITERS = frozenset({"attn.o", "mlp.down", "moe.expert.down", "moe.shared.down"})
 HIST_BINS = 64
 
 
-def to_units(m: torch.Tensor, role: str, res: Residual, side: str, device: torch.device
-             ) -> torch.Tensor:
+def to_units(
+    m: torch.Tensor, role: str, res: Residual, side: str, device: torch.device
+) -> torch.Tensor:
     """[units, residual'] on the device: residual dims mapped (B's signs applied)."""
     m = m.to(device)
     dim = m.shape[1] if role in READERS else m.shape[0]
@@ -88,7 +101,7 @@ def match(x: torch.Tensor, y: torch.Tensor, lap_max: int) -> np.ndarray:
     step = max(1, (1 << 24) // max(m, 1))
     yt = yn.t().contiguous()  # a transposed view can take a slow non-BLAS path on the host
     for i in range(0, n, step):
-        out[i:i + step] = (xn[i:i + step] @ yt).argmax(dim=1).cpu().numpy()
+        out[i : i + step] = (xn[i : i + step] @ yt).argmax(dim=1).cpu().numpy()
     return out
 
 
@@ -103,8 +116,13 @@ def agreement(matchings: list[np.ndarray], n: int) -> tuple[list[float], float, 
     return rhos, z, log_norm_sf(z)
 
 
-def block_test(block: dict[str, torch.Tensor], pool: dict[str, torch.Tensor], lap_max: int,
-               proj_dim: int, local: np.ndarray | None = None) -> dict | None:
+def block_test(
+    block: dict[str, torch.Tensor],
+    pool: dict[str, torch.Tensor],
+    lap_max: int,
+    proj_dim: int,
+    local: np.ndarray | None = None,
+) -> dict | None:
     """Match one FFN block's units (gate rows, up rows, down columns) into a pool of units.
 
     `local` maps a pool index to its unit index inside its own block: when the pool holds several
@@ -119,17 +137,30 @@ def block_test(block: dict[str, torch.Tensor], pool: dict[str, torch.Tensor], la
         why = degenerate(block[r]) or degenerate(pool[r])
         if why:
             return {"excluded": why, "n": n, "pool": m, "roles": roles}
-    maps = [match(reduce_dims(block[r], proj_dim, salt=s), reduce_dims(pool[r], proj_dim, salt=s),
-                  lap_max) for s, r in enumerate(roles)]
+    maps = [
+        match(
+            reduce_dims(block[r], proj_dim, salt=s), reduce_dims(pool[r], proj_dim, salt=s), lap_max
+        )
+        for s, r in enumerate(roles)
+    ]
     keys = [local[mp] for mp in maps] if local is not None else maps
     rhos, z, logp = agreement(keys, n)
     agree = np.all([k == keys[0] for k in keys[1:]], axis=0)
     hist = np.bincount((maps[0][agree] * HIST_BINS) // m, minlength=HIST_BINS)
     agreeing = int(agree.sum())
-    return {"n": n, "pool": m, "roles": roles, "rho": rhos, "z": z, "log_p": logp,
-            "agree": agreeing, "margin_log_p": margin_logp(agreeing, n, len(roles)),
-            "frac": float(agree.mean()), "hist": hist.tolist(),
-            "method": "lap" if n <= m <= lap_max else "argmax"}
+    return {
+        "n": n,
+        "pool": m,
+        "roles": roles,
+        "rho": rhos,
+        "z": z,
+        "log_p": logp,
+        "agree": agreeing,
+        "margin_log_p": margin_logp(agreeing, n, len(roles)),
+        "frac": float(agree.mean()),
+        "hist": hist.tolist(),
+        "method": "lap" if n <= m <= lap_max else "argmax",
+    }
 
 
 def heads(x: torch.Tensor, count: int) -> torch.Tensor:
@@ -138,8 +169,9 @@ def heads(x: torch.Tensor, count: int) -> torch.Tensor:
     return x.reshape(count, d * x.shape[1])
 
 
-def head_test(qa: dict[str, torch.Tensor], qb: dict[str, torch.Tensor], nh: int, nkv: int,
-              lap_max: int) -> dict | None:
+def head_test(
+    qa: dict[str, torch.Tensor], qb: dict[str, torch.Tensor], nh: int, nkv: int, lap_max: int
+) -> dict | None:
     """Heads matched by q rows and by o columns (and KV heads by k and by v), then agreement."""
     zs, rhos = [], []
     for side in (qa, qb):

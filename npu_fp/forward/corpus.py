@@ -87,12 +87,16 @@ def iter_documents(corpus: str | None) -> tuple[str, Iterator[str]]:
         return EMBEDDED, _embedded_documents()
     p = Path(corpus).expanduser()
     if not p.exists():
-        raise CorpusError(f"{p}: activations.corpus does not exist (expected a text / .jsonl file "
-                          "or a folder of them)")
+        raise CorpusError(
+            f"{p}: activations.corpus does not exist (expected a text / .jsonl file "
+            "or a folder of them)"
+        )
     if p.is_file():
         return str(p.resolve()), _file_documents(p)
     files = sorted(
-        f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES
+        f
+        for f in p.rglob("*")
+        if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES
     )
     if not files:
         raise CorpusError(
@@ -165,8 +169,10 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             try:  # plain json: corpora carry NaN and big numbers in fields we never read
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one object "
-                                  'with a "text" string per line') from e
+                raise CorpusError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg}); expected one object "
+                    'with a "text" string per line'
+                ) from e
             except RecursionError as e:
                 raise CorpusError(f"{path}:{lineno}: JSON nested too deeply") from e
             if isinstance(obj, dict) and isinstance(obj.get("text"), str):
@@ -174,8 +180,10 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             elif isinstance(obj, str):
                 yield obj
             else:
-                raise CorpusError(f'{path}:{lineno}: expected an object with a "text" string '
-                                  f"(or a JSON string), got {type(obj).__name__}")
+                raise CorpusError(
+                    f'{path}:{lineno}: expected an object with a "text" string '
+                    f"(or a JSON string), got {type(obj).__name__}"
+                )
 
 
 def tokenize_corpus(
@@ -202,8 +210,9 @@ def tokenize_corpus(
             break
     if chars == 0 or total == 0:
         what = "holds no text" if chars == 0 else "tokenizes to zero tokens"
-        raise CorpusError(f"{description}: the corpus {what}; activations need at least one "
-                          "sequence of text")
+        raise CorpusError(
+            f"{description}: the corpus {what}; activations need at least one sequence of text"
+        )
     stream = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
     return stream, description, digest.hexdigest()
 
@@ -219,7 +228,9 @@ def make_batches(
 ) -> TokenBatches:
     """Tokenize the corpus with the checkpoint's tokenizer and cut it into seeded batches."""
     tokenizer = load_tokenizer(model_root)
-    tok_bytes = read_regular(Path(model_root) / "tokenizer.json", TOKENIZER_MAX_BYTES, "tokenizer.json")
+    tok_bytes = read_regular(
+        Path(model_root) / "tokenizer.json", TOKENIZER_MAX_BYTES, "tokenizer.json"
+    )
     tok_sha = hashlib.sha256(tok_bytes).hexdigest()
     need = num_batches * batch_size
     stream, description, corpus_sha = tokenize_corpus(
@@ -243,11 +254,17 @@ def make_batches(
     picked = torch.cat(order)[:need]
     repeated = windows < need
     if repeated:
-        log.warning("%s: %d windows of %d tokens for %d sequences; windows are reused",
-                    description, windows, seq_len, need)
+        log.warning(
+            "%s: %d windows of %d tokens for %d sequences; windows are reused",
+            description,
+            windows,
+            seq_len,
+            need,
+        )
     starts = picked * seq_len
     ids = stream[starts[:, None] + torch.arange(seq_len)[None, :]]
     ids = ids.view(num_batches, batch_size, seq_len).contiguous()
     tokens_sha = hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()
-    return TokenBatches(ids, description, corpus_sha, tokens_sha, tok_sha, int(stream.numel()),
-                        repeated)
+    return TokenBatches(
+        ids, description, corpus_sha, tokens_sha, tok_sha, int(stream.numel()), repeated
+    )

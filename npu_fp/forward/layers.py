@@ -44,32 +44,104 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama",), "llama", "LlamaConfig", "LlamaDecoderLayer", "LlamaRotaryEmbedding",
-           architectures=("LlamaForCausalLM",)),
-    Family("mistral", ("mistral",), "mistral", "MistralConfig", "MistralDecoderLayer",
-           "MistralRotaryEmbedding", architectures=("MistralForCausalLM",)),
-    Family("qwen2", ("qwen2",), "qwen2", "Qwen2Config", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding",
-           architectures=("Qwen2ForCausalLM",)),
-    Family("qwen3", ("qwen3",), "qwen3", "Qwen3Config", "Qwen3DecoderLayer", "Qwen3RotaryEmbedding",
-           architectures=("Qwen3ForCausalLM",)),
-    Family("mixtral", ("mixtral",), "mixtral", "MixtralConfig", "MixtralDecoderLayer",
-           "MixtralRotaryEmbedding", renames=(("block_sparse_moe.", "mlp."),),
-           architectures=("MixtralForCausalLM",)),
-    Family("qwen2_moe", ("qwen2_moe",), "qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeDecoderLayer",
-           "Qwen2MoeRotaryEmbedding", architectures=("Qwen2MoeForCausalLM",)),
-    Family("qwen3_moe", ("qwen3_moe",), "qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeDecoderLayer",
-           "Qwen3MoeRotaryEmbedding", architectures=("Qwen3MoeForCausalLM",)),
-    Family("deepseek_v3", ("deepseek_v3",), "deepseek_v3", "DeepseekV3Config",
-           "DeepseekV3DecoderLayer", "DeepseekV3RotaryEmbedding",
-           keep_fp32=("e_score_correction_bias",), optional=("e_score_correction_bias",),
-           architectures=("DeepseekV3ForCausalLM",)),
-    Family("bert", ("bert",), "bert", "BertConfig", "BertLayer", None, layer_re=r"encoder\.layer",
-           attn_path="attention.output.dense", mlp_path="output.dense", encoder=True,
-           renames=((".gamma", ".weight"), (".beta", ".bias")),
-           architectures=("BertModel", "BertForMaskedLM", "BertForPreTraining")),
-    Family("pangu_moe", ("PanguProMoE", "pangu_pro_moe", "pangu_moe"), "llama", "LlamaConfig",
-           "PanguProMoEDecoderLayer", "LlamaRotaryEmbedding",
-           architectures=("PanguProMoEForCausalLM",)),
+    Family(
+        "llama",
+        ("llama",),
+        "llama",
+        "LlamaConfig",
+        "LlamaDecoderLayer",
+        "LlamaRotaryEmbedding",
+        architectures=("LlamaForCausalLM",),
+    ),
+    Family(
+        "mistral",
+        ("mistral",),
+        "mistral",
+        "MistralConfig",
+        "MistralDecoderLayer",
+        "MistralRotaryEmbedding",
+        architectures=("MistralForCausalLM",),
+    ),
+    Family(
+        "qwen2",
+        ("qwen2",),
+        "qwen2",
+        "Qwen2Config",
+        "Qwen2DecoderLayer",
+        "Qwen2RotaryEmbedding",
+        architectures=("Qwen2ForCausalLM",),
+    ),
+    Family(
+        "qwen3",
+        ("qwen3",),
+        "qwen3",
+        "Qwen3Config",
+        "Qwen3DecoderLayer",
+        "Qwen3RotaryEmbedding",
+        architectures=("Qwen3ForCausalLM",),
+    ),
+    Family(
+        "mixtral",
+        ("mixtral",),
+        "mixtral",
+        "MixtralConfig",
+        "MixtralDecoderLayer",
+        "MixtralRotaryEmbedding",
+        renames=(("block_sparse_moe.", "mlp."),),
+        architectures=("MixtralForCausalLM",),
+    ),
+    Family(
+        "qwen2_moe",
+        ("qwen2_moe",),
+        "qwen2_moe",
+        "Qwen2MoeConfig",
+        "Qwen2MoeDecoderLayer",
+        "Qwen2MoeRotaryEmbedding",
+        architectures=("Qwen2MoeForCausalLM",),
+    ),
+    Family(
+        "qwen3_moe",
+        ("qwen3_moe",),
+        "qwen3_moe",
+        "Qwen3MoeConfig",
+        "Qwen3MoeDecoderLayer",
+        "Qwen3MoeRotaryEmbedding",
+        architectures=("Qwen3MoeForCausalLM",),
+    ),
+    Family(
+        "deepseek_v3",
+        ("deepseek_v3",),
+        "deepseek_v3",
+        "DeepseekV3Config",
+        "DeepseekV3DecoderLayer",
+        "DeepseekV3RotaryEmbedding",
+        keep_fp32=("e_score_correction_bias",),
+        optional=("e_score_correction_bias",),
+        architectures=("DeepseekV3ForCausalLM",),
+    ),
+    Family(
+        "bert",
+        ("bert",),
+        "bert",
+        "BertConfig",
+        "BertLayer",
+        None,
+        layer_re=r"encoder\.layer",
+        attn_path="attention.output.dense",
+        mlp_path="output.dense",
+        encoder=True,
+        renames=((".gamma", ".weight"), (".beta", ".bias")),
+        architectures=("BertModel", "BertForMaskedLM", "BertForPreTraining"),
+    ),
+    Family(
+        "pangu_moe",
+        ("PanguProMoE", "pangu_pro_moe", "pangu_moe"),
+        "llama",
+        "LlamaConfig",
+        "PanguProMoEDecoderLayer",
+        "LlamaRotaryEmbedding",
+        architectures=("PanguProMoEForCausalLM",),
+    ),
 )
 
 
@@ -141,8 +213,15 @@ def find_layer_tensors(
 class StreamModel:
     """A checkpoint seen as embeddings + layers, each built on demand on the device."""
 
-    def __init__(self, config: dict, tensors: dict[str, TensorRef], device: Device,
-                 dtype: torch.dtype, read_bytes: int, where: str = "config.json") -> None:
+    def __init__(
+        self,
+        config: dict,
+        tensors: dict[str, TensorRef],
+        device: Device,
+        dtype: torch.dtype,
+        read_bytes: int,
+        where: str = "config.json",
+    ) -> None:
         self.family = resolve_family(config, where)
         self.hf_config = build_hf_config(self.family, config)
         self.num_layers = int(self.hf_config.num_hidden_layers)
@@ -172,14 +251,16 @@ class StreamModel:
         for i in range(self.num_layers):
             meta = self._meta_layer(i)
             expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-            self._plans[i] = map_layer(i, self.layer_tensors[i], expected, self.family.renames,
-                                       self.family.optional)
+            self._plans[i] = map_layer(
+                i, self.layer_tensors[i], expected, self.family.renames, self.family.optional
+            )
             self._expected[i] = expected
             self.layer_experts[i] = _num_experts(meta)
         for name in self.embedding_names().values():
             if name not in self.tensors:
-                raise WeightLayoutError(f"{self.where}: embedding tensor {name!r} is missing from "
-                                        "the checkpoint")
+                raise WeightLayoutError(
+                    f"{self.where}: embedding tensor {name!r} is missing from the checkpoint"
+                )
 
     @property
     def max_experts(self) -> int:
@@ -204,9 +285,11 @@ class StreamModel:
         p = self.prefix
         if not self.family.encoder:
             return {"tok": p + "embed_tokens.weight"}
-        names = {"tok": p + "embeddings.word_embeddings.weight",
-                 "pos": p + "embeddings.position_embeddings.weight",
-                 "type": p + "embeddings.token_type_embeddings.weight"}
+        names = {
+            "tok": p + "embeddings.word_embeddings.weight",
+            "pos": p + "embeddings.position_embeddings.weight",
+            "type": p + "embeddings.token_type_embeddings.weight",
+        }
         for part, alt in (("weight", "gamma"), ("bias", "beta")):
             name = f"{p}embeddings.LayerNorm.{part}"
             names["ln_" + part] = name if name in self.tensors else f"{p}embeddings.LayerNorm.{alt}"
@@ -217,13 +300,16 @@ class StreamModel:
         if i not in self._plans:
             self.validate()
         layer = self._meta_layer(i)
-        state = self.reader.load_state(self._plans[i], self._expected[i], self.dtype,
-                                       self.family.keep_fp32)
+        state = self.reader.load_state(
+            self._plans[i], self._expected[i], self.dtype, self.family.keep_fp32
+        )
         layer.load_state_dict(state, strict=True, assign=True)
         for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
             if t.is_meta:
-                raise WeightLayoutError(f"layer {i}: {name} has no value after loading "
-                                        "(a non-persistent buffer the forward cannot rebuild)")
+                raise WeightLayoutError(
+                    f"layer {i}: {name} has no value after loading "
+                    "(a non-persistent buffer the forward cannot rebuild)"
+                )
         return layer.eval().requires_grad_(False)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -240,8 +326,9 @@ class StreamModel:
         h = h + typ[0] + pos[None]  # BertEmbeddings order: words + token type, then + positions
         w = self._vector(names["ln_weight"])
         b = self._vector(names["ln_bias"])
-        return nn.functional.layer_norm(h, (self.hidden_size,), w, b,
-                                        eps=float(self.hf_config.layer_norm_eps))
+        return nn.functional.layer_norm(
+            h, (self.hidden_size,), w, b, eps=float(self.hf_config.layer_norm_eps)
+        )
 
     def _vector(self, name: str) -> torch.Tensor:
         ref = self.tensors[name]
@@ -275,10 +362,20 @@ class StreamModel:
         dummy = torch.zeros(batch, seq, self.hidden_size, dtype=self.dtype, device=dev)
         pos = torch.arange(seq, device=dev)[None, :]
         pe = self._rotary(dummy, pos)
-        args = {"config": self.hf_config, "inputs_embeds": dummy, "attention_mask": None,
-                "past_key_values": None, "position_ids": pos}
-        out = [{"attention_mask": create_causal_mask(**args), "position_embeddings": pe,
-                "position_ids": pos}]
+        args = {
+            "config": self.hf_config,
+            "inputs_embeds": dummy,
+            "attention_mask": None,
+            "past_key_values": None,
+            "position_ids": pos,
+        }
+        out = [
+            {
+                "attention_mask": create_causal_mask(**args),
+                "position_embeddings": pe,
+                "position_ids": pos,
+            }
+        ]
         if "sliding_attention" in (getattr(self.hf_config, "layer_types", None) or ()):
             out.append({**out[0], "attention_mask": create_sliding_window_causal_mask(**args)})
         return out
@@ -289,7 +386,9 @@ class StreamModel:
 
 def _num_experts(layer: nn.Module) -> int:
     for name, mod in layer.named_modules():
-        if name.endswith("experts") and isinstance(getattr(mod, "gate_up_proj", None), torch.Tensor):
+        if name.endswith("experts") and isinstance(
+            getattr(mod, "gate_up_proj", None), torch.Tensor
+        ):
             return int(mod.gate_up_proj.shape[0])
     return 0
 

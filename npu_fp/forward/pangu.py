@@ -31,10 +31,18 @@ from npu_fp.forward.errors import UnsupportedArchitectureError
 
 # PanguProMoEConfig defaults of the release; config.json overrides every one of them
 RELEASE_DEFAULTS: dict[str, object] = {
-    "vocab_size": 153376, "hidden_size": 5120, "num_hidden_layers": 48,
-    "num_attention_heads": 40, "num_key_value_heads": 8, "moe_intermediate_size": 1344,
-    "shared_expert_intermediate_size": 5376, "num_experts": 64, "num_experts_per_tok": 8,
-    "rope_theta": 1.6e7, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "vocab_size": 153376,
+    "hidden_size": 5120,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "moe_intermediate_size": 1344,
+    "shared_expert_intermediate_size": 5376,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "rope_theta": 1.6e7,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
     "hidden_act": "silu",
 }
 
@@ -54,16 +62,26 @@ def pangu_config(config: dict) -> LlamaConfig:
             f"{c['num_experts_per_tok']}; MoGE routes exactly one expert per group"
         )
     hf = LlamaConfig(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-        intermediate_size=c["moe_intermediate_size"], num_hidden_layers=c["num_hidden_layers"],
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["moe_intermediate_size"],
+        num_hidden_layers=c["num_hidden_layers"],
         num_attention_heads=c["num_attention_heads"],
         num_key_value_heads=c["num_key_value_heads"],
-        head_dim=c["hidden_size"] // c["num_attention_heads"], hidden_act=c["hidden_act"],
-        max_position_embeddings=c["max_position_embeddings"], rms_norm_eps=c["rms_norm_eps"],
-        rope_theta=c["rope_theta"], attention_bias=True, attention_dropout=0.0,
+        head_dim=c["hidden_size"] // c["num_attention_heads"],
+        hidden_act=c["hidden_act"],
+        max_position_embeddings=c["max_position_embeddings"],
+        rms_norm_eps=c["rms_norm_eps"],
+        rope_theta=c["rope_theta"],
+        attention_bias=True,
+        attention_dropout=0.0,
     )
-    for key in ("moe_intermediate_size", "shared_expert_intermediate_size", "num_experts",
-                "num_experts_per_tok"):
+    for key in (
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "num_experts",
+        "num_experts_per_tok",
+    ):
         setattr(hf, key, c[key])
     return hf
 
@@ -90,8 +108,13 @@ class PanguExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
         self.act_fn = ACT2FN[act]
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         by_slot = top_k_index.t()  # [k, T]: the release's expert_mask[e] is slot-major
         for e in torch.unique(top_k_index).tolist():  # ascending, as the release's expert loop
@@ -139,13 +162,22 @@ class PanguProMoEDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                position_ids: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
-        h, _ = self.self_attn(hidden_states=h, position_embeddings=position_embeddings,
-                              attention_mask=attention_mask, position_ids=position_ids)
+        h, _ = self.self_attn(
+            hidden_states=h,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+        )
         h = residual + h
         residual = h
         h = self.mlp(self.post_attention_layernorm(h))

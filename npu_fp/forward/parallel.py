@@ -63,23 +63,39 @@ def pipeline_stages(layer_bytes: Sequence[int], world_size: int) -> list[range]:
 
 def chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
     for i in range(0, len(items), size):
-        yield list(items[i:i + size])
+        yield list(items[i : i + size])
 
 
-def run_data(ctx: DistContext, model: StreamModel, ids: torch.Tensor, streamer: LayerStreamer,
-             pass_batches: int) -> None:
+def run_data(
+    ctx: DistContext,
+    model: StreamModel,
+    ids: torch.Tensor,
+    streamer: LayerStreamer,
+    pass_batches: int,
+) -> None:
     mine = assign_batches(ids.shape[0], ctx.world_size, ctx.rank)
     layers = range(model.num_layers)
     for n, slots in enumerate(chunks(mine, pass_batches)):
         hidden = [model.embed(ids[b]) for b in slots]
         streamer.run(hidden, slots, layers)
-        log.info("rank %d: pass %d done (%d of %d batches)", ctx.rank, n,
-                 min((n + 1) * pass_batches, len(mine)), len(mine))
+        log.info(
+            "rank %d: pass %d done (%d of %d batches)",
+            ctx.rank,
+            n,
+            min((n + 1) * pass_batches, len(mine)),
+            len(mine),
+        )
     streamer.release()
 
 
-def run_pipeline(ctx: DistContext, model: StreamModel, ids: torch.Tensor, streamer: LayerStreamer,
-                 pass_batches: int, stages: list[range]) -> None:
+def run_pipeline(
+    ctx: DistContext,
+    model: StreamModel,
+    ids: torch.Tensor,
+    streamer: LayerStreamer,
+    pass_batches: int,
+    stages: list[range],
+) -> None:
     stage = stages[ctx.rank]
     first, last = ctx.rank == 0, ctx.rank == ctx.world_size - 1
     b, t = int(ids.shape[1]), int(ids.shape[2])
@@ -99,8 +115,9 @@ def run_pipeline(ctx: DistContext, model: StreamModel, ids: torch.Tensor, stream
             for req in pending:
                 req.wait()
             pending = [dist.isend(h.contiguous(), dst=ctx.rank + 1) for h in hidden]
-        log.info("rank %d: stage layers %d-%d, pass %d done", ctx.rank, stage.start,
-                 stage.stop - 1, n)
+        log.info(
+            "rank %d: stage layers %d-%d, pass %d done", ctx.rank, stage.start, stage.stop - 1, n
+        )
     for req in pending:
         req.wait()
     streamer.release()

@@ -36,9 +36,10 @@ class NormTables:
 
     @classmethod
     def zeros(cls, num_batches: int, num_layers: int, max_experts: int) -> NormTables:
-        return cls(torch.zeros(num_batches, num_layers, len(STREAMS), len(FIELDS),
-                               dtype=torch.float64),
-                   torch.zeros(num_layers, max(max_experts, 1), dtype=torch.int64))
+        return cls(
+            torch.zeros(num_batches, num_layers, len(STREAMS), len(FIELDS), dtype=torch.float64),
+            torch.zeros(num_layers, max(max_experts, 1), dtype=torch.int64),
+        )
 
     def totals(self) -> torch.Tensor:
         """[num_layers, streams, fields]: the batch slots summed in batch order (deterministic)."""
@@ -53,8 +54,10 @@ def norm_stats(x: torch.Tensor) -> torch.Tensor:
     n = torch.linalg.vector_norm(x.float(), dim=-1).reshape(-1).cpu().numpy().astype(np.float64)
     finite = n[np.isfinite(n)]
     nan = int(np.isnan(n).sum())
-    return torch.tensor([n.size, finite.sum(), (finite * finite).sum(), nan,
-                         n.size - finite.size - nan], dtype=torch.float64)
+    return torch.tensor(
+        [n.size, finite.sum(), (finite * finite).sum(), nan, n.size - finite.size - nan],
+        dtype=torch.float64,
+    )
 
 
 class Recorder:
@@ -77,13 +80,16 @@ class Recorder:
         def branch(stream: str) -> Callable:
             def hook(_mod: nn.Module, _args: object, out: object) -> None:
                 self.record(stream, out[0] if isinstance(out, tuple) else out)
+
             return hook
 
         def experts_pre(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
             self.route(args[1] if len(args) > 1 else kwargs["top_k_index"])
 
-        handles = [layer.get_submodule(attn_path).register_forward_hook(branch("attn")),
-                   layer.get_submodule(mlp_path).register_forward_hook(branch("mlp"))]
+        handles = [
+            layer.get_submodule(attn_path).register_forward_hook(branch("attn")),
+            layer.get_submodule(mlp_path).register_forward_hook(branch("mlp")),
+        ]
         for name, mod in layer.named_modules():
             if name.endswith("experts") and hasattr(mod, "gate_up_proj"):
                 handles.append(mod.register_forward_pre_hook(experts_pre, with_kwargs=True))
@@ -97,8 +103,13 @@ def module_bytes(mod: nn.Module) -> int:
 class LayerStreamer:
     """Runs a range of layers over a pass of hidden states, one block of layers at a time."""
 
-    def __init__(self, model: StreamModel, tables: NormTables, layers_per_block: int,
-                 capture: Callable[[int, int, torch.Tensor], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: StreamModel,
+        tables: NormTables,
+        layers_per_block: int,
+        capture: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> None:
         self.model = model
         self.recorder = Recorder(tables)
         self.layers_per_block = layers_per_block
@@ -130,8 +141,9 @@ class LayerStreamer:
         """Apply `layers` to every hidden state of the pass, in place in the list."""
         if not hidden:
             return
-        self.peak_hidden_bytes = max(self.peak_hidden_bytes,
-                                     sum(h.numel() * h.element_size() for h in hidden))
+        self.peak_hidden_bytes = max(
+            self.peak_hidden_bytes, sum(h.numel() * h.element_size() for h in hidden)
+        )
         rec = self.recorder
         step = self.layers_per_block
         with torch.no_grad():

@@ -24,9 +24,12 @@ EXPERT_RE = re.compile(
 )
 # which fused tensor (and which half of it) a per-expert matrix belongs to
 EXPERT_SLOTS: dict[str, tuple[str, int | None]] = {
-    "w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0),
-    "w3": ("gate_up_proj", 1), "up_proj": ("gate_up_proj", 1),
-    "w2": ("down_proj", None), "down_proj": ("down_proj", None),
+    "w1": ("gate_up_proj", 0),
+    "gate_proj": ("gate_up_proj", 0),
+    "w3": ("gate_up_proj", 1),
+    "up_proj": ("gate_up_proj", 1),
+    "w2": ("down_proj", None),
+    "down_proj": ("down_proj", None),
 }
 # checkpoint entries that are not module weights (checkpoint-layouts.md 1.3)
 AUX_SUFFIXES = ("rotary_emb.inv_freq", "weight_scale_inv", "kv_cache_scale", "kv_cache_offset")
@@ -65,8 +68,9 @@ def map_layer(
         else:
             plan.setdefault(mapped, []).append(Piece(ref))
     extra = sorted(set(plan) - set(expected))
-    missing = sorted(k for k in set(expected) - set(plan)
-                     if not any(k.endswith(o) for o in optional))
+    missing = sorted(
+        k for k in set(expected) - set(plan) if not any(k.endswith(o) for o in optional)
+    )
     if extra or missing:
         raise WeightLayoutError(
             f"layer {layer}: checkpoint tensors do not match the forward implementation; "
@@ -123,8 +127,9 @@ class WeightReader:
     def _rows(self, ref: TensorRef, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) as a float host tensor, valid until the next read; FP8 dequantized."""
         self.bytes_read += (r1 - r0) * (ref.nbytes // max(ref.rows, 1))
-        return self.reader.widen(ref, self.reader.read(ref, r0, r1), r0,
-                                 scale_for(self.tensors, ref))
+        return self.reader.widen(
+            ref, self.reader.read(ref, r0, r1), r0, scale_for(self.tensors, ref)
+        )
 
     def fill(self, ref: TensorRef, dst: torch.Tensor) -> None:
         """Copy the whole tensor into `dst` (any shape with the same element count)."""
@@ -144,7 +149,9 @@ class WeightReader:
             while stop < len(ids_list) and ids_list[stop] == ids_list[stop - 1] + 1:
                 stop += 1
             r0 = ids_list[start]
-            out[start:stop].copy_(to_device_float(self._rows(ref, r0, r0 + stop - start), self.device))
+            out[start:stop].copy_(
+                to_device_float(self._rows(ref, r0, r0 + stop - start), self.device)
+            )
             start = stop
         return out
 
@@ -169,7 +176,7 @@ class WeightReader:
                 view = dst if p.expert is None else dst[p.expert]
                 if p.half is not None:
                     half = view.shape[0] // 2
-                    view = view[p.half * half:(p.half + 1) * half]
+                    view = view[p.half * half : (p.half + 1) * half]
                 self.fill(p.ref, view)
             state[key] = dst
         return state

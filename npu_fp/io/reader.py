@@ -18,15 +18,26 @@ from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.validate import InputError, open_regular
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
 # unsigned wider ints: read as the signed type of the same width and fixed up when widened
 UNSIGNED_AS: dict[str, tuple[torch.dtype, int]] = {
-    "U16": (torch.int16, 1 << 16), "U32": (torch.int32, 1 << 32), "U64": (torch.int64, 1 << 64),
+    "U16": (torch.int16, 1 << 16),
+    "U32": (torch.int32, 1 << 32),
+    "U64": (torch.int64, 1 << 64),
 }
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 FP8_BLOCK = 128
@@ -86,7 +97,9 @@ def read_bytes_into(files: FileCache, ref: TensorRef, begin: int, out: torch.Ten
         try:
             n = os.preadv(fd, [view[done:]], begin + done)
         except OSError as e:
-            raise CheckpointError(f"{ref.file}: tensor {ref.name!r}: cannot read: {e.strerror}") from e
+            raise CheckpointError(
+                f"{ref.file}: tensor {ref.name!r}: cannot read: {e.strerror}"
+            ) from e
         if n <= 0:
             raise CheckpointError(
                 f"{ref.file}: tensor {ref.name!r}: file ended at byte {begin + done}, "
@@ -95,7 +108,9 @@ def read_bytes_into(files: FileCache, ref: TensorRef, begin: int, out: torch.Ten
         done += n
 
 
-def row_blocks(ref: TensorRef, row_begin: int, row_end: int, block_rows: int) -> Iterator[tuple[int, int]]:
+def row_blocks(
+    ref: TensorRef, row_begin: int, row_end: int, block_rows: int
+) -> Iterator[tuple[int, int]]:
     if ref.nbytes == 0:  # [2**62, 0]: one empty block, never a loop over rows that hold nothing
         if row_end > row_begin:
             yield row_begin, row_end
@@ -151,9 +166,13 @@ class RowReader:
                 f"needs bytes up to {start + n}; it shrank or was replaced while being read"
             )
         try:
-            self._mm = mmap.mmap(fd, n + start - aligned,
-                                 flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                                 offset=aligned)
+            self._mm = mmap.mmap(
+                fd,
+                n + start - aligned,
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=aligned,
+            )
         except (OSError, ValueError) as e:
             raise CheckpointError(
                 f"{ref.file}: tensor {ref.name!r}: cannot map bytes [{start}, {start + n}): {e} "
@@ -195,7 +214,9 @@ class RowReader:
         return x
 
 
-def read_scale_rows(files: FileCache, scale: TensorRef, weight: TensorRef, row_begin: int, row_end: int) -> torch.Tensor:
+def read_scale_rows(
+    files: FileCache, scale: TensorRef, weight: TensorRef, row_begin: int, row_end: int
+) -> torch.Tensor:
     """The `weight_scale_inv` rows covering weight rows [row_begin, row_end)."""
     if scale.dtype not in ("F32", "BF16", "F16") or len(scale.shape) != 2 or len(weight.shape) != 2:
         raise CheckpointError(

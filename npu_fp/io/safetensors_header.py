@@ -25,10 +25,28 @@ MAX_INT = (1 << 63) - 1
 
 # bits per element for every dtype string safetensors defines
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
 }
 
 
@@ -126,7 +144,11 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
         # no depth walk: _parse_entry checks every field it reads, and a header holds 1M entries
         header = loads_json(raw, f"{path}: header", max_depth=None)
     except InputError as e:
-        detail = str(e).removeprefix(f"{path}: header: ").replace("duplicate key", "duplicate tensor name")
+        detail = (
+            str(e)
+            .removeprefix(f"{path}: header: ")
+            .replace("duplicate key", "duplicate tensor name")
+        )
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {detail}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header JSON must be an object, got {type(header).__name__}")
@@ -196,7 +218,9 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, data_len:
     for d in shape:
         numel *= d
         if numel > MAX_INT:  # the reference uses checked multiplication: overflow is an error
-            raise CheckpointError(f"{path}: tensor {name!r}: shape {shape} overflows the element count")
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: shape {shape} overflows the element count"
+            )
     bits = numel * DTYPE_BITS[dtype]
     if bits % 8:
         raise CheckpointError(

@@ -125,8 +125,10 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
         headers[name] = h = read_header(member(root, name, str(root)))
         count += len(h.tensors)
         if count > MAX_TENSORS:
-            raise CheckpointError(f"{root}: more than {MAX_TENSORS} tensors; at most that many "
-                                  "expected in one checkpoint")
+            raise CheckpointError(
+                f"{root}: more than {MAX_TENSORS} tensors; at most that many "
+                "expected in one checkpoint"
+            )
     tensors: dict[str, TensorRef] = {}
     for fname, h in headers.items():
         for ref in h.tensors:
@@ -201,8 +203,10 @@ def _weight_map(root: Path, index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: invalid index: {detail}") from None
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: invalid index: 'weight_map' must be an object of "
-                              "tensor name -> shard file name")
+        raise CheckpointError(
+            f"{index}: invalid index: 'weight_map' must be an object of "
+            "tensor name -> shard file name"
+        )
     return weight_map
 
 
@@ -210,7 +214,9 @@ def _shard_names(root: Path) -> list[str]:
     index = root / INDEX_NAME
     if exists(index):
         weight_map = _weight_map(root, index)
-        names = sorted({_safe_member(root, v, f"tensor {k[:200]!r}") for k, v in weight_map.items()})
+        names = sorted(
+            {_safe_member(root, v, f"tensor {k[:200]!r}") for k, v in weight_map.items()}
+        )
         for n in names:
             if not exists(root / n):
                 raise CheckpointError(f"{index}: names shard {n!r}, which is missing from {root}")
@@ -240,5 +246,9 @@ def _check_index_agrees(root: Path, index: Path, tensors: dict[str, TensorRef]) 
             )
     extra = sorted(set(tensors) - set(weight_map))
     if extra:
-        log.warning("%s: %d tensors are stored but not listed in the index (kept): %s",
-                    index, len(extra), ", ".join(extra[:10]))
+        log.warning(
+            "%s: %d tensors are stored but not listed in the index (kept): %s",
+            index,
+            len(extra),
+            ", ".join(extra[:10]),
+        )

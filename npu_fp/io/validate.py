@@ -56,10 +56,16 @@ def _kind(mode: int) -> str:
 
 def os_error(path: str | os.PathLike[str], action: str, e: OSError) -> InputError:
     """An OSError as a named error (permission, missing, I/O error, full disk...)."""
-    why = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-           errno.ENOENT: "no such file", errno.ENOSPC: "no space left on device",
-           errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-           errno.EIO: "I/O error", errno.ELOOP: "too many levels of symbolic links"}
+    why = {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.ENOENT: "no such file",
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EIO: "I/O error",
+        errno.ELOOP: "too many levels of symbolic links",
+    }
     return InputError(f"{path}: cannot {action}: {why.get(e.errno, e.strerror or str(e))}")
 
 
@@ -193,14 +199,20 @@ def loads_json(raw: bytes | str, where: str, max_depth: int | None = MAX_JSON_DE
     """
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        doc = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float,
-                         object_pairs_hook=_object_no_duplicates)
+        doc = json.loads(
+            text,
+            parse_constant=_no_constants,
+            parse_float=_finite_float,
+            object_pairs_hook=_object_no_duplicates,
+        )
     except RecursionError as e:
         raise InputError(f"{where}: JSON nests deeper than {max_depth} levels") from e
     except UnicodeDecodeError as e:
         raise InputError(f"{where}: not UTF-8 text (invalid byte at position {e.start})") from e
     except json.JSONDecodeError as e:
-        raise InputError(f"{where}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        raise InputError(
+            f"{where}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from e
     except _Reject as e:
         raise InputError(f"{where}: invalid JSON: {e}") from e
     except ValueError as e:  # an integer past the interpreter's digit limit
@@ -210,8 +222,12 @@ def loads_json(raw: bytes | str, where: str, max_depth: int | None = MAX_JSON_DE
     return doc
 
 
-def load_json(path: str | os.PathLike[str], max_bytes: int, what: str = "JSON file",
-              max_depth: int = MAX_JSON_DEPTH) -> Any:
+def load_json(
+    path: str | os.PathLike[str],
+    max_bytes: int,
+    what: str = "JSON file",
+    max_depth: int = MAX_JSON_DEPTH,
+) -> Any:
     return loads_json(read_regular(path, max_bytes, what), str(path), max_depth)
 
 
@@ -255,18 +271,43 @@ def contained(path: str | os.PathLike[str], roots: tuple[Path, ...], where: str)
 
 # Counts of things the checkpoint must store at least one tensor for: bounded by the tensor count.
 # Only keys npu_fp reads: others (moe_layer_freq, ...) may legitimately be lists in some families.
-COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_experts", "num_local_experts",
-              "n_routed_experts", "moe_num_experts", "n_shared_experts", "num_shared_experts",
-              "num_nextn_predict_layers", "num_mtp_layers", "num_groups", "num_expert_groups",
-              "n_group", "experts_per_group", "num_experts_per_tok")
+COUNT_KEYS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "n_shared_experts",
+    "num_shared_experts",
+    "num_nextn_predict_layers",
+    "num_mtp_layers",
+    "num_groups",
+    "num_expert_groups",
+    "n_group",
+    "experts_per_group",
+    "num_experts_per_tok",
+)
 # Sizes of some tensor dimension: bounded by the largest dimension stored.
-SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head",
-             "num_key_value_heads", "multi_query_group_num", "head_dim", "intermediate_size",
-             "n_inner", "ffn_hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+SIZE_KEYS = (
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "multi_query_group_num",
+    "head_dim",
+    "intermediate_size",
+    "n_inner",
+    "ffn_hidden_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
 
 
-def check_config(config: Mapping[str, Any], where: str,
-                 shapes: Iterable[tuple[int, ...]]) -> None:
+def check_config(config: Mapping[str, Any], where: str, shapes: Iterable[tuple[int, ...]]) -> None:
     """Types and bounds of the config.json fields npu_fp reads, against the stored tensors.
 
     Nothing downstream may allocate from a count this file claims, so every count is bounded
@@ -284,17 +325,20 @@ def check_config(config: Mapping[str, Any], where: str,
         sections.append(("text_config.", text))
     for prefix, cfg in sections:
         archs = cfg.get("architectures")
-        if archs is not None and (not isinstance(archs, list)
-                                  or not all(isinstance(a, str) for a in archs)):
+        if archs is not None and (
+            not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)
+        ):
             raise InputError(
                 f"{where}: {prefix}architectures must be a list of strings such as "
-                f"[\"LlamaForCausalLM\"], got {_short(archs)}"
+                f'["LlamaForCausalLM"], got {_short(archs)}'
             )
         mt = cfg.get("model_type")
         if mt is not None and not isinstance(mt, str):
             raise InputError(f"{where}: {prefix}model_type must be a string, got {_short(mt)}")
-        for keys, bound, what in ((COUNT_KEYS, n_tensors, f"the {n_tensors} tensors stored"),
-                                  (SIZE_KEYS, max_dim, f"the largest stored dimension ({max_dim})")):
+        for keys, bound, what in (
+            (COUNT_KEYS, n_tensors, f"the {n_tensors} tensors stored"),
+            (SIZE_KEYS, max_dim, f"the largest stored dimension ({max_dim})"),
+        ):
             for key in keys:
                 v = cfg.get(key)
                 if v is None:
@@ -322,7 +366,9 @@ def _token_id(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_TOKEN_ID else None
 
 
-def parse_vocab(doc: Any, where: str, fmt: str = "tokenizer.json") -> tuple[dict[str, int] | None, str]:
+def parse_vocab(
+    doc: Any, where: str, fmt: str = "tokenizer.json"
+) -> tuple[dict[str, int] | None, str]:
     """Token string -> id from a parsed tokenizer.json (any model type) or, with
     fmt="vocab.json", a plain {token: id} object.
 
@@ -346,7 +392,10 @@ def parse_vocab(doc: Any, where: str, fmt: str = "tokenizer.json") -> tuple[dict
         elif raw is None:
             items = ()
         else:
-            return None, f"{where}: model.vocab must be an object or a list, got {type(raw).__name__}"
+            return (
+                None,
+                f"{where}: model.vocab must be an object or a list, got {type(raw).__name__}",
+            )
         added = doc.get("added_tokens") or []
         if not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
             return None, f"{where}: added_tokens must be a list of objects"
@@ -356,13 +405,17 @@ def parse_vocab(doc: Any, where: str, fmt: str = "tokenizer.json") -> tuple[dict
     for tok, tid in items:
         i = _token_id(tid)
         if not isinstance(tok, str) or i is None:
-            return None, (f"{where}: token {_short(tok)} has id {_short(tid)}; ids must be "
-                          f"integers in [0, {MAX_TOKEN_ID})")
+            return None, (
+                f"{where}: token {_short(tok)} has id {_short(tid)}; ids must be "
+                f"integers in [0, {MAX_TOKEN_ID})"
+            )
         vocab[tok] = i
     if not vocab:
         return None, f"{where}: no vocabulary inside"
     distinct = len(set(vocab.values()))
     if 2 * distinct < len(vocab):
-        return None, (f"{where}: {len(vocab)} tokens share only {distinct} ids; a vocabulary "
-                      "that maps many tokens to one id cannot align embeddings")
+        return None, (
+            f"{where}: {len(vocab)} tokens share only {distinct} ids; a vocabulary "
+            "that maps many tokens to one id cannot align embeddings"
+        )
     return vocab, f"{Path(where).name}: {len(vocab)} tokens"

@@ -46,10 +46,13 @@ def write_figures(doc: dict, out_dir: Path) -> dict:
             sigs.append((m["name"], load_signature(m["signature"])))
         except SignatureError:
             continue
-    figs: dict = {"profiles": _save(profiles_figure(sigs), out_dir / "profiles_normalized.png"),
-                  "bias_max": _save(bias_figure(sigs), out_dir / "bias_max.png"),
-                  "verdicts": _save(verdict_figure(doc), out_dir / "verdicts.png"),
-                  "layers": {}, "experts": {}}
+    figs: dict = {
+        "profiles": _save(profiles_figure(sigs), out_dir / "profiles_normalized.png"),
+        "bias_max": _save(bias_figure(sigs), out_dir / "bias_max.png"),
+        "verdicts": _save(verdict_figure(doc), out_dir / "verdicts.png"),
+        "layers": {},
+        "experts": {},
+    }
     acts = [(n, s) for n, s in sigs if has_activations(s)]
     if acts:  # otherwise the report says why there is no figure
         figs["activation_norms"] = _save(activation_figure(acts), out_dir / "activation_norms.png")
@@ -101,8 +104,12 @@ def activation_figure(sigs: list[tuple[str, Signature]]) -> plt.Figure:
     axes[0].legend(fontsize=7)
     settings = [settings_of(s) or {} for _, s in sigs]
     if any(settings_differences(settings[0], st) for st in settings[1:]):
-        fig.suptitle("activation settings differ between models (corpus / batch shape): "
-                     "profiles not comparable", fontsize=9, color="tab:red")
+        fig.suptitle(
+            "activation settings differ between models (corpus / batch shape): "
+            "profiles not comparable",
+            fontsize=9,
+            color="tab:red",
+        )
     return fig
 
 
@@ -133,8 +140,13 @@ def verdict_figure(doc: dict) -> plt.Figure:
         v = min(-p["log10_p"], P_CAP) if p.get("log10_p") is not None else np.nan
         mat[i, j] = mat[j, i] = v
         lab = {"related": "R", "independent": "I"}.get(p["verdict"], "?")
-        pv = ("" if p.get("log10_p") is None
-              else f"\n{10 ** p['log10_p']:.0e}" if p["log10_p"] > -300 else "\n<1e-300")
+        pv = (
+            ""
+            if p.get("log10_p") is None
+            else f"\n{10 ** p['log10_p']:.0e}"
+            if p["log10_p"] > -300
+            else "\n<1e-300"
+        )
         text[i][j] = text[j][i] = lab + pv
     fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.0 * n + 2))
     im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=P_CAP)
@@ -142,13 +154,23 @@ def verdict_figure(doc: dict) -> plt.Figure:
         for j in range(n):
             if text[i][j]:
                 bright = np.isfinite(mat[i, j]) and mat[i, j] > 0.6 * P_CAP
-                ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8,
-                        color="k" if bright else "w")
+                ax.text(
+                    j,
+                    i,
+                    text[i][j],
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="k" if bright else "w",
+                )
     ax.set_xticks(range(n), names, rotation=45, ha="right")
     ax.set_yticks(range(n), names)
     fig.colorbar(im, ax=ax, label=f"-log10 p (capped at {P_CAP:g})")
-    ax.set_title(f"verdicts (R related, I independent, ? inconclusive); "
-                 f"threshold p < {doc['p_threshold']:g}", fontsize=9)
+    ax.set_title(
+        f"verdicts (R related, I independent, ? inconclusive); "
+        f"threshold p < {doc['p_threshold']:g}",
+        fontsize=9,
+    )
     return fig
 
 
@@ -162,8 +184,9 @@ def layer_figure(p: dict, lm: dict) -> plt.Figure:
         ax.legend(fontsize=7)
     ax.set_xlabel(f"layer of {p['b']}")
     ax.set_ylabel(f"layer of {p['a']}")
-    ax.set_title(f"layer x layer z ({p['a']} vs {p['b']}); margin {lm.get('diagonal_margin')}",
-                 fontsize=8)
+    ax.set_title(
+        f"layer x layer z ({p['a']} vs {p['b']}); margin {lm.get('diagonal_margin')}", fontsize=8
+    )
     fig.colorbar(im, ax=ax, label="sketch z")
     return fig
 
@@ -174,11 +197,16 @@ def expert_figure(p: dict, em: dict) -> plt.Figure:
     h = h / np.maximum(h.sum(axis=1, keepdims=True), 1.0)
     fig, ax = plt.subplots(figsize=(8, 0.25 * len(rows) + 2))
     ax.imshow(h, cmap="Blues", aspect="auto", interpolation="nearest")
-    labels = [f"{r['block']}" + (f" g{r['group']}" if r.get("group") is not None else "")
-              + f" ({r['frac']:.0%})" for r in rows]
+    labels = [
+        f"{r['block']}"
+        + (f" g{r['group']}" if r.get("group") is not None else "")
+        + f" ({r['frac']:.0%})"
+        for r in rows
+    ]
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
     src, dst = (p["a"], p["b"]) if em["direction"] == "a->b" else (p["b"], p["a"])
     ax.set_xlabel(f"unit of {dst} ({em['pool_units']} units, {h.shape[1]} bins)")
-    ax.set_title(f"expert -> parent map: units of {src}'s experts that agree on one {dst} unit",
-                 fontsize=8)
+    ax.set_title(
+        f"expert -> parent map: units of {src}'s experts that agree on one {dst} unit", fontsize=8
+    )
     return fig

@@ -18,15 +18,21 @@ PANELS = {
     "MLA": ("attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b"),
     "FFN": ("mlp.gate", "mlp.up", "mlp.down"),
     "MoE experts (pooled)": ("moe.expert.gate", "moe.expert.up", "moe.expert.down"),
-    "shared experts / router": ("moe.shared.gate", "moe.shared.up", "moe.shared.down", "moe.router"),
+    "shared experts / router": (
+        "moe.shared.gate",
+        "moe.shared.up",
+        "moe.shared.down",
+        "moe.router",
+    ),
     "norms": ("norm.input", "norm.post_attn", "norm.attn_out", "norm.mlp_out"),
 }
 
 
 def plot_profiles(sigs: list[Signature], path: Path, stat: str = "std") -> Path:
-    panels = [(t, [r for r in roles if any(s.profile(r, stat).count(None) < s.num_layers
-                                            for s in sigs)])
-              for t, roles in PANELS.items()]
+    panels = [
+        (t, [r for r in roles if any(s.profile(r, stat).count(None) < s.num_layers for s in sigs)])
+        for t, roles in PANELS.items()
+    ]
     panels = [(t, roles) for t, roles in panels if roles]
     n = max(1, len(panels))
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.4 * n), squeeze=False)

@@ -100,7 +100,7 @@ def layer_table(stats: list[TensorStats]) -> list[dict]:
     for (layer, role, grp), group in experts.items():
         pooled = Moments()
         stds = []
-        for ts in sorted(group, key=lambda t: (t.role.expert or 0)):
+        for ts in sorted(group, key=lambda t: t.role.expert or 0):
             pooled.merge(ts.moments)
             s = finish(ts.moments)["std"]
             if s is not None:
@@ -112,8 +112,15 @@ def layer_table(stats: list[TensorStats]) -> list[dict]:
     return rows
 
 
-def _layer_row(layer: int, role: str, group: int | None, count: int, f: dict,
-               expert_std_mean: float | None, expert_std_spread: float | None) -> dict:
+def _layer_row(
+    layer: int,
+    role: str,
+    group: int | None,
+    count: int,
+    f: dict,
+    expert_std_mean: float | None,
+    expert_std_spread: float | None,
+) -> dict:
     return {
         "layer": layer,
         "role": role,

@@ -121,7 +121,9 @@ class ItemResult:
     digest: bytes  # xxh3-128 of the segment's stored bytes
 
 
-def part_slices(spec: PartSpec, x: torch.Tensor, row_begin: int, row_end: int) -> list[torch.Tensor]:
+def part_slices(
+    spec: PartSpec, x: torch.Tensor, row_begin: int, row_end: int
+) -> list[torch.Tensor]:
     """Pieces of block `x` (stored rows [row_begin, row_end)) that belong to part `spec`."""
     out = []
     for start, stop in spec.ranges:

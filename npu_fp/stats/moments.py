@@ -44,7 +44,8 @@ class Moments:
         dn2 = dn * dn
         t1 = delta * dn * na * nb
         m4 = (
-            self.m4 + b.m4
+            self.m4
+            + b.m4
             + t1 * dn2 * (na * na - na * nb + nb * nb)
             + 6.0 * dn2 * (na * na * b.m2 + nb * nb * self.m2)
             + 4.0 * dn * (na * b.m3 - nb * self.m3)
@@ -59,7 +60,17 @@ class Moments:
         return self
 
     def to_row(self) -> list[float]:
-        return [self.n, self.mean, self.m2, self.m3, self.m4, self.min, self.max, self.nan, self.inf]
+        return [
+            self.n,
+            self.mean,
+            self.m2,
+            self.m3,
+            self.m4,
+            self.min,
+            self.max,
+            self.nan,
+            self.inf,
+        ]
 
     @classmethod
     def from_row(cls, row: list[float] | tuple[float, ...]) -> Moments:
@@ -72,9 +83,19 @@ def finish(m: Moments) -> dict[str, float | int | None]:
     numel = n + int(m.nan) + int(m.inf)
     if n == 0:
         return {
-            "numel": numel, "finite": 0, "nan": int(m.nan), "inf": int(m.inf), "mean": None,
-            "std": None, "rms": None, "l2": None, "min": None, "max": None, "absmax": None,
-            "skew": None, "kurtosis": None,
+            "numel": numel,
+            "finite": 0,
+            "nan": int(m.nan),
+            "inf": int(m.inf),
+            "mean": None,
+            "std": None,
+            "rms": None,
+            "l2": None,
+            "min": None,
+            "max": None,
+            "absmax": None,
+            "skew": None,
+            "kurtosis": None,
         }
     var = m.m2 / (n - 1) if n > 1 else 0.0
     mean_sq = m.m2 / n + m.mean * m.mean
