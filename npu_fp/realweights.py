@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from npu_fp import derive, zoo
 
 
 class RealWeightsError(ValueError):
@@ -417,39 +419,19 @@ def prepare(
 # --- real related copies --------------------------------------------------------------------------
 
 
-def _load_folder(src: Path) -> tuple[dict[str, torch.Tensor], dict, str | None]:
-    tensors = load_file(str(src / "model.safetensors"))
-    config = json.loads((src / "config.json").read_text())
-    tok = src / "tokenizer.json"
-    return tensors, config, tok.read_text() if tok.exists() else None
-
-
-def _write_folder(
-    dst: Path, tensors: dict[str, torch.Tensor], config: dict, tok: str | None
-) -> Path:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    if tok is not None:
-        (tmp / "tokenizer.json").write_text(tok)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.replace(dst)
-    return dst
-
-
 def first_layers(src: str | Path, dst: str | Path, layers: int) -> Path:
     """The real model cut to its first `layers` decoder layers (same weights, fewer layers):
     a fast base for checking that real derivatives stay `related`."""
     src, dst = Path(src), Path(dst)
-    tensors, config, tok = _load_folder(src)
+    tensors, config, tok = derive.load_base(src)
     keep = {
         k: v
         for k, v in tensors.items()
         if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers
     }
-    return _write_folder(dst, keep, {**config, "num_hidden_layers": layers}, tok)
+    return zoo.write_checkpoint(
+        dst, keep, {**config, "num_hidden_layers": layers}, torch.bfloat16, tok
+    )
 
 
 def requantize(src: str | Path, dst: str | Path, qtype: str = "Q8_0") -> Path:
@@ -458,14 +440,14 @@ def requantize(src: str | Path, dst: str | Path, qtype: str = "Q8_0") -> Path:
     import gguf  # optional dependency of this helper only (the real-weight null set)
 
     src, dst = Path(src), Path(dst)
-    tensors, config, tok = _load_folder(src)
+    tensors, config, tok = derive.load_base(src)
     kind = gguf.GGMLQuantizationType[qtype]
     out = {}
     for name, t in tensors.items():
         if t.ndim == 2 and t.shape[1] % 32 == 0:
-            x = t.float().numpy()
+            x = t.numpy()
             x = gguf.quants.dequantize(gguf.quants.quantize(x, kind), kind)
-            out[name] = torch.from_numpy(np.array(x, dtype=np.float32)).to(torch.bfloat16)
+            out[name] = torch.from_numpy(np.array(x, dtype=np.float32))
         else:
             out[name] = t
-    return _write_folder(dst, out, config, tok)
+    return zoo.write_checkpoint(dst, out, config, torch.bfloat16, tok)
