@@ -119,18 +119,12 @@ def identity_test(parts_a: list[torch.Tensor], parts_b: list[torch.Tensor]) -> d
             return {"excluded": why, "n": n, "m": m}
     diag = torch.zeros(n, dtype=torch.float64)
     total = 0.0
-    used = 0
     for pa, pb in pairs:
         got = clamped_cosines(pa, pb)
-        if got is None:
-            continue
-        d, s = got
-        diag += d
-        total += s
-        used += 1
-    if used == 0:
-        return {"excluded": "all-zero weights", "n": n, "m": m}
-    diag /= len(pairs)  # parts without signal count as zero similarity
+        assert got is not None, "all-zero parts were excluded by degenerate()"
+        diag += got[0]
+        total += got[1]
+    diag /= len(pairs)
     total /= len(pairs)
     x = float(diag.sum())
     mean = total / m
