@@ -292,12 +292,10 @@ def mdir_score(ea: torch.Tensor, eb: torch.Tensor) -> dict | None:
     rho = float(torch.linalg.svdvals(a.t() @ b).sum()) / den
     rho0 = 8.0 / (3.0 * math.pi) * math.sqrt(d / t)
     log_p = 0.0 if rho <= rho0 else -t * d * (rho - rho0) ** 2 / 2.0
-    lp10 = log_p / math.log(10.0)
     return {
         "statistic": rho,
         "null_center": rho0,
         "tokens": t,
         "dims": d,
         "log_p": log_p,
-        "p_text": f"1e{lp10:.0f}" if lp10 < -300 else f"{10**lp10:.3g}",
     }

@@ -251,7 +251,7 @@ def families(
                 False,
                 f"MDIR: {md['tokens']} shared tokens, {md['dims']} dims, "
                 f"aligned correlation {md['statistic']:.3f}; its own bound p "
-                f"{md['p_text']}, not valid for trained models",
+                f"{_p_text(log10p(md['log_p']))}, not valid for trained models",
             )
         )
     if depth_differs and zmat is not None and zmat.size:
