@@ -277,7 +277,12 @@ def test_report_shows_scores_plot_and_unchanged_verdicts(
     # settings that differ are flagged in the report
     longer = _rewrite(fingerprints["continued"], tmp_path / "seq" / "c.json", seq_len=32)
     doc3 = run_compare([], tmp_path / "seq_out", signatures=[fingerprints["base"], longer])
-    flag = doc3["pairs"][0]["profiles"]["activation_norms"]
-    assert flag["settings"]["differences"] == ["seq_len: 16 vs 32"]
+    pair3 = doc3["pairs"][0]
+    flag = pair3["profiles"]["activation_norms"]
+    # pairs are reported in a canonical order (content hash): the longer run may be either side
+    names = [m["name"] for m in doc3["models"]]
+    seq = {names[0]: 16, names[1]: 32}
+    want = f"seq_len: {seq[pair3['a']]} vs {seq[pair3['b']]}"
+    assert flag["settings"]["differences"] == [want]
     md3 = (tmp_path / "seq_out" / "report.md").read_text()
-    assert "seq_len: 16 vs 32" in md3 and "not comparable" in md3
+    assert want in md3 and "not comparable" in md3
