@@ -70,7 +70,7 @@ class FileCache:
         fd = self._fds.get(path)
         if fd is None:
             try:
-                fd = open_regular(path, "safetensors file")
+                fd = open_regular(path, "checkpoint file")
             except InputError as e:
                 raise CheckpointError(str(e)) from None
             self._fds[path] = fd
@@ -134,6 +134,7 @@ class RowReader:
         self.files = files
         self._mm: mmap.mmap | None = None
         self._window: tuple[int, int] = (0, 0)  # offset of the data in the map, length
+        self._gathered: torch.Tensor | None = None  # a window that spans several extents
 
     def release(self) -> None:
         """Unmap the current window (views into it must not be used afterwards)."""
@@ -141,6 +142,7 @@ class RowReader:
             with contextlib.suppress(BufferError):  # a caller still holds a view: GC unmaps it
                 self._mm.close()
             self._mm = None
+        self._gathered = None
 
     def read(self, ref: TensorRef, row_begin: int, row_end: int) -> torch.Tensor:
         """Stored-dtype CPU tensor of shape [row_end - row_begin, cols] over the mapped window.
@@ -153,7 +155,17 @@ class RowReader:
         self.release()
         if n == 0:
             return torch.empty(row_end - row_begin, ref.cols, dtype=dtype)
-        start = ref.begin + row_begin * row_bytes
+        pieces = ref.pieces(row_begin * row_bytes, n)
+        if len(pieces) > 1:
+            # the rows straddle two stored pieces of one tensor: read them into one owned buffer
+            # (bounded by the window like the map; only MindSpore's sliced tensors get here)
+            self._gathered = torch.empty(n, dtype=torch.uint8)
+            done = 0
+            for begin, length in pieces:
+                read_bytes_into(self.files, ref, begin, self._gathered[done : done + length])
+                done += length
+            return self._gathered.view(dtype).view(row_end - row_begin, ref.cols)
+        start = pieces[0][0]
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         fd = self.files.fd(ref.file)
         # touching a mapped page past the end of the file raises SIGBUS, which kills the process:
@@ -184,6 +196,9 @@ class RowReader:
 
     def hash_last(self, hasher: object) -> None:
         """Feed the raw bytes behind the last `read` to `hasher.update`."""
+        if self._gathered is not None:
+            hasher.update(memoryview(self._gathered.numpy()))  # type: ignore[attr-defined]
+            return
         if self._mm is None:
             return
         off, n = self._window

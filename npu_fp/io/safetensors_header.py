@@ -64,10 +64,28 @@ class TensorRef:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset of the first byte in `file`
     end: int  # absolute, exclusive
+    # further [begin, end) byte extents that continue the tensor in order, for formats that store
+    # one tensor in several pieces (MindSpore splits tensors over 512 MiB); empty for safetensors
+    extra: tuple[tuple[int, int], ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.begin
+        return self.end - self.begin + sum(e - b for b, e in self.extra)
+
+    def pieces(self, offset: int, n: int) -> list[tuple[int, int]]:
+        """Absolute (file offset, length) pieces holding tensor bytes [offset, offset + n)."""
+        out = []
+        for b, e in ((self.begin, self.end), *self.extra):
+            if n <= 0:
+                break
+            if offset < e - b:
+                take = min(n, e - b - offset)
+                out.append((b + offset, take))
+                n -= take
+                offset = 0
+            else:
+                offset -= e - b
+        return out
 
     @property
     def numel(self) -> int:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from npu_fp.io.mindspore_ckpt import read_ckpt_header
 from npu_fp.io.safetensors_header import (
     MAX_TENSORS,
     CheckpointError,
@@ -19,6 +21,7 @@ from npu_fp.io.safetensors_header import (
     TensorRef,
     read_header,
 )
+from npu_fp.io.torch_bin import read_torch_header
 from npu_fp.io.validate import (
     CONFIG_MAX_BYTES,
     INDEX_MAX_BYTES,
@@ -37,6 +40,57 @@ from npu_fp.io.validate import (
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
+
+
+# --- weight formats: one per model folder (torch .bin / MindSpore .ckpt: issue 8 part A) ---
+@dataclass(frozen=True, slots=True)
+class WeightFormat:
+    name: str
+    suffixes: tuple[str, ...]
+    single: str | None  # the file name of an unsharded checkpoint
+    index: str | None  # the shard index, when the format has one
+    read: Callable[[str], FileHeader]  # one file's tensors by byte range, no data read
+    many: bool = True  # several files without an index are shards of one model
+
+
+FORMATS: tuple[WeightFormat, ...] = (
+    WeightFormat("safetensors", (".safetensors",), "model.safetensors", INDEX_NAME, read_header),
+    WeightFormat(
+        "torch",
+        (".bin", ".pt", ".pth"),
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        read_torch_header,
+    ),
+    # a folder of .ckpt files is usually several training steps, never shards of one model
+    WeightFormat("mindspore", (".ckpt",), None, None, read_ckpt_header, many=False),
+)
+# what Hugging Face Trainer leaves beside the weights: pickles of other things, not shards
+NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"})
+
+
+def _weight_files(root: Path, fmt: WeightFormat) -> list[str]:
+    names = [
+        p.name
+        for p in root.iterdir()
+        if p.suffix in fmt.suffixes
+        and p.name not in NOT_WEIGHTS
+        and not p.name.startswith("rng_state")
+    ]
+    return sorted(names) + ([fmt.index] if fmt.index and exists(root / fmt.index) else [])
+
+
+def weight_format(root: Path) -> WeightFormat:
+    """The one format a model folder's weights are stored in (a mix is refused)."""
+    found = {f: _weight_files(root, f) for f in FORMATS}
+    present = [f for f, names in found.items() if names]
+    if len(present) > 1:
+        listing = "; ".join(f"{f.name}: {', '.join(found[f][:3])}" for f in present)
+        raise CheckpointError(
+            f"{root}: holds weights in several formats ({listing}); a model folder must hold "
+            "one format: move the other files out"
+        )
+    return present[0] if present else FORMATS[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +172,12 @@ def member(root: Path, name: str, where: str) -> Path:
 def open_model(path: str | os.PathLike[str]) -> ModelSource:
     root = resolve_model_dir(path)
     config, config_sha = _read_config(root)
-    shard_names = _shard_names(root)
+    fmt = weight_format(root)
+    shard_names = _shard_names(root, fmt)
     headers: dict[str, FileHeader] = {}
     count = 0
     for name in shard_names:
-        headers[name] = h = read_header(member(root, name, str(root)))
+        headers[name] = h = fmt.read(str(member(root, name, str(root))))
         count += len(h.tensors)
         if count > MAX_TENSORS:
             raise CheckpointError(
@@ -138,8 +193,8 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
                     f"{root}: duplicate tensor name {ref.name!r} in {fname} and {other}"
                 )
             tensors[ref.name] = ref
-    index = root / INDEX_NAME
-    if exists(index):
+    index = root / fmt.index if fmt.index else None
+    if index is not None and exists(index):
         _check_index_agrees(root, index, tensors)
     if not tensors:
         raise CheckpointError(f"{root}: the checkpoint holds no tensors")
@@ -183,21 +238,21 @@ def load_json_object_bytes(raw: bytes, path: Path) -> dict:
     return doc
 
 
-def _safe_member(root: Path, name: object, what: str) -> str:
+def _safe_member(index: Path, name: object, what: str) -> str:
     """A file name from an index must name a file inside the model folder."""
     if not isinstance(name, str) or not name:
-        raise CheckpointError(f"{root / INDEX_NAME}: {what}: shard name must be a non-empty string")
+        raise CheckpointError(f"{index}: {what}: shard name must be a non-empty string")
     p = Path(name)
     if p.is_absolute() or ".." in p.parts:
         raise CheckpointError(
-            f"{root / INDEX_NAME}: {what} names {name[:200]!r}, a path outside the model folder"
+            f"{index}: {what} names {name[:200]!r}, a path outside the model folder"
         )
     return p.as_posix()
 
 
 def _weight_map(root: Path, index: Path) -> dict[str, str]:
     try:
-        data = load_json_object(member(root, INDEX_NAME, str(root)), INDEX_MAX_BYTES, "index")
+        data = load_json_object(member(root, index.name, str(root)), INDEX_MAX_BYTES, "index")
     except InputError as e:
         detail = str(e).removeprefix(f"{index}: ")
         raise CheckpointError(f"{index}: invalid index: {detail}") from None
@@ -210,24 +265,29 @@ def _weight_map(root: Path, index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _shard_names(root: Path) -> list[str]:
-    index = root / INDEX_NAME
-    if exists(index):
+def _shard_names(root: Path, fmt: WeightFormat) -> list[str]:
+    index = root / fmt.index if fmt.index else None
+    if index is not None and exists(index):
         weight_map = _weight_map(root, index)
         names = sorted(
-            {_safe_member(root, v, f"tensor {k[:200]!r}") for k, v in weight_map.items()}
+            {_safe_member(index, v, f"tensor {k[:200]!r}") for k, v in weight_map.items()}
         )
         for n in names:
             if not exists(root / n):
                 raise CheckpointError(f"{index}: names shard {n!r}, which is missing from {root}")
         return names
-    single = root / "model.safetensors"
-    if exists(single):
-        return ["model.safetensors"]
-    names = sorted(p.name for p in root.glob("*.safetensors"))
+    if fmt.single and exists(root / fmt.single):
+        return [fmt.single]
+    names = [n for n in _weight_files(root, fmt) if n != fmt.index]
     if not names:
         raise CheckpointError(
-            f"{root}: no model.safetensors, no {INDEX_NAME} and no *.safetensors files"
+            f"{root}: no model.safetensors, no {INDEX_NAME} and no *.safetensors files "
+            "(nor pytorch_model.bin / *.bin / *.pt, nor one MindSpore *.ckpt)"
+        )
+    if len(names) > 1 and not fmt.many:
+        raise CheckpointError(
+            f"{root}: {len(names)} {fmt.name} files ({', '.join(names[:5])}); they are not "
+            "shards of one model: keep one per model folder"
         )
     return names
 
