@@ -49,6 +49,22 @@ MLA = {
     "self_attn.o_proj": "attn.o",
 }
 HF_GLOBALS = {"embed_tokens": "embed.tok", "norm": "norm.final", "lm_head": "head.lm"}
+# MindFormers (MindSpore) names of the same Llama / Qwen2 modules, as its `.ckpt` files store
+# them (layouts doc 3.18); the embedding's parameter is `embedding_weight` (see mapper.py)
+MINDFORMERS_LAYER = {
+    "attention.wq": "attn.q",
+    "attention.wk": "attn.k",
+    "attention.wv": "attn.v",
+    "attention.wo": "attn.o",
+    "attention.w_qkv": Rule("attn.qkv", split=qkv_contiguous(0)),
+    "feed_forward.w1": "mlp.gate",
+    "feed_forward.w3": "mlp.up",
+    "feed_forward.w2": "mlp.down",
+    "feed_forward.w_gate_hidden": Rule("mlp.gate_up", split=gate_up_halves),
+    "attention_norm": "norm.input",
+    "ffn_norm": "norm.post_attn",
+}
+MINDFORMERS_GLOBALS = {"tok_embeddings": "embed.tok", "norm_out": "norm.final"}
 
 
 def sandwich_norm(config: Mapping[str, Any]) -> bool:
@@ -60,12 +76,20 @@ def is_mla(config: Mapping[str, Any]) -> bool:
 
 
 def llama(config: Mapping[str, Any]) -> Family:
-    return Family("llama", layer={**ATTN, **DENSE_MLP, **PRE_NORM}, globals=HF_GLOBALS)
+    return Family(
+        "llama",
+        layer={**ATTN, **DENSE_MLP, **PRE_NORM, **MINDFORMERS_LAYER},
+        globals={**HF_GLOBALS, **MINDFORMERS_GLOBALS},
+    )
 
 
 def qwen2(config: Mapping[str, Any]) -> Family:
     # Same tables as Llama; q/k/v biases map through the generic `.bias` rule.
-    return Family("qwen2", layer={**ATTN, **DENSE_MLP, **PRE_NORM}, globals=HF_GLOBALS)
+    return Family(
+        "qwen2",
+        layer={**ATTN, **DENSE_MLP, **PRE_NORM, **MINDFORMERS_LAYER},
+        globals={**HF_GLOBALS, **MINDFORMERS_GLOBALS},
+    )
 
 
 def qwen3(config: Mapping[str, Any]) -> Family:

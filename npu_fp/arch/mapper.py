@@ -44,7 +44,8 @@ _TOWERS = frozenset(
         "token2wav",
     }
 )
-_OLD_NORM_NAMES = {"gamma": "weight", "beta": "bias"}  # TensorFlow-era BERT LayerNorm names
+# other spellings of `weight` / `bias`: TensorFlow-era BERT LayerNorm names, MindSpore embeddings
+_OLD_NORM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_weight": "weight"}
 _NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _NUM_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 

@@ -127,7 +127,7 @@ def _tensor(wire: _Wire, tag: str, pos: int, end: int) -> _Entry:
             dtype_name = wire.read(begin, stop - begin, "tensor_type").decode("utf-8", "replace")
             pos = stop
         elif key == 0x1A:
-            stop, begin = wire.length(pos, end, "tensor_content")
+            stop, begin = wire.length(pos, end, f"tensor {tag!r}: tensor_content")
             content = (begin, stop)
             pos = stop
         else:
@@ -175,6 +175,18 @@ def _value(wire: _Wire, pos: int, end: int) -> _Entry:
     return entry
 
 
+def _peek_tag(wire: _Wire, pos: int, end: int) -> str:
+    """The tag a Value starts with, to name the tensor of a truncated file ('?' if unreadable)."""
+    try:
+        key, pos = wire.varint(pos, end)
+        stop, begin = wire.length(pos, end, "tag")
+        if key != 0x0A or stop - begin > MAX_TAG_BYTES:
+            return "?"
+        return wire.read(begin, stop - begin, "tag").decode("utf-8", "replace")
+    except CheckpointError:
+        return "?"
+
+
 def _entries(wire: _Wire, end: int) -> list[_Entry]:
     """Top level: repeated `0x0A len Value`; consecutive Values with one tag are one tensor."""
     out: list[_Entry] = []
@@ -188,7 +200,14 @@ def _entries(wire: _Wire, end: int) -> list[_Entry]:
                 "the file is corrupt, encrypted (saved with enc_key: decrypt it with MindSpore "
                 "first) or not a MindSpore checkpoint"
             )
-        stop, begin = wire.length(after, end, "Value")
+        n, begin = wire.varint(after, end)
+        if begin + n > end:
+            raise CheckpointError(
+                f"{wire.path}: tensor {_peek_tag(wire, begin, end)!r}: its Value of {n} bytes "
+                f"at byte {begin} runs past the end of the data at byte {end}; the file is "
+                "truncated"
+            )
+        stop = begin + n
         e = _value(wire, begin, stop)
         last = out[-1] if out else None
         if last is not None and last.tag == e.tag:

@@ -1,0 +1,51 @@
+"""Shared by the format tests: fingerprint a folder in-process and compare per-tensor rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from npu_fp.config import ModelConfig, PlanConfig, RunConfig, StatsConfig
+from npu_fp.fingerprint import fingerprint
+from npu_fp.signature import load_signature
+
+# every statistic of a tensors.csv row (the signature's tensor rows), plus the content hash
+STAT_KEYS = (
+    "dtype",
+    "numel",
+    "shape",
+    "role",
+    "layer",
+    "mean",
+    "std",
+    "rms",
+    "absmax",
+    "max",
+    "min",
+    "l2",
+    "kurtosis",
+    "skew",
+    "nan",
+    "inf",
+    "hash",
+)
+
+
+def fingerprint_rows(model: Path, out: Path) -> dict[str, dict]:
+    """`npu-fp fingerprint` on one process with small windows (reads cross every boundary)."""
+    cfg = RunConfig(
+        model=ModelConfig(path=str(model)),
+        out_dir=str(out),
+        progress=False,
+        device="cpu",
+        plan=PlanConfig(segment_bytes=4096),
+        stats=StatsConfig(read_bytes=4096, chunk_elems=1000),
+    )  # type: ignore[arg-type]
+    [sig_path] = fingerprint(cfg)
+    return {row["name"]: row for row in load_signature(sig_path).tensors}
+
+
+def assert_same_stats(a: dict[str, dict], b: dict[str, dict]) -> None:
+    assert sorted(a) == sorted(b)
+    for name, row in a.items():
+        for key in STAT_KEYS:
+            assert row.get(key) == b[name].get(key), (name, key, row.get(key), b[name].get(key))

@@ -1,0 +1,178 @@
+"""MindSpore `.ckpt` files that real MindSpore wrote (tests/fixtures/mindspore), read without it.
+
+Each fixture folder has a twin `<name>_safetensors` that MindSpore exported from the same
+parameters: every per-tensor statistic and content hash must agree exactly between the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from formats_helpers import assert_same_stats, fingerprint_rows
+
+from npu_fp.arch import map_roles
+from npu_fp.io.reader import FileCache, RowReader
+from npu_fp.io.safetensors_header import CheckpointError
+from npu_fp.io.source import open_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mindspore"
+MODELS = ["llama_fp32_crc", "llama_bf16_meta", "llama_fp16_sliced", "mindformers_llama"]
+
+
+def test_fixtures_match_their_sha256sums() -> None:
+    lines = (FIXTURES / "SHA256SUMS").read_text().split("\n")
+    sums = dict(reversed(line.split("  ", 1)) for line in lines if line)
+    assert len(sums) == 18  # 9 folders: model file + config.json
+    for rel, digest in sums.items():
+        assert hashlib.sha256((FIXTURES / rel).read_bytes()).hexdigest() == digest, rel
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ckpt_reads_the_same_tensors_as_its_safetensors_export(name: str) -> None:
+    ckpt, st = open_model(FIXTURES / name), open_model(FIXTURES / f"{name}_safetensors")
+    assert {n: (r.dtype, r.shape) for n, r in ckpt.tensors.items()} == {
+        n: (r.dtype, r.shape) for n, r in st.tensors.items()
+    }
+    with FileCache() as files:
+        a, b = RowReader(files), RowReader(files)
+        for n, ref in ckpt.tensors.items():
+            other = st.tensors[n]
+            # every window of 3 rows, so windows that straddle two slices are read too
+            for r0 in range(0, ref.rows, 3):
+                r1 = min(ref.rows, r0 + 3)
+                assert a.read(ref, r0, r1).equal(b.read(other, r0, r1)), (n, r0)
+
+
+def test_sliced_tensor_is_one_logical_tensor_over_several_values() -> None:
+    src = open_model(FIXTURES / "llama_fp16_sliced")
+    sliced = {n: r for n, r in src.tensors.items() if r.extra}
+    # MindSpore's slice size was lowered to 1 KiB: every fp16 tensor over 1 KiB is split
+    assert sliced and all(r.nbytes > 1024 for r in sliced.values())
+    assert all(r.nbytes <= 1024 for n, r in src.tensors.items() if n not in sliced)
+    emb = sliced["model.embed_tokens.weight"]
+    assert len(emb.extra) + 1 == 8 and emb.nbytes == 128 * 32 * 2
+
+
+def test_append_dict_entries_are_metadata_not_weights() -> None:
+    src = open_model(FIXTURES / "llama_bf16_meta")
+    assert {"epoch_num", "step_num", "note"}.isdisjoint(src.tensors)
+    assert (src.metadata["epoch_num"], src.metadata["step_num"]) == ("3", "70")
+    assert src.metadata["note"] == "fixture"
+
+
+def test_mindformers_names_map_to_the_hf_roles() -> None:
+    mf, hf = open_model(FIXTURES / "mindformers_llama"), open_model(FIXTURES / "llama_fp32_crc")
+    roles = {}
+    for src in (mf, hf):
+        rm = map_roles(src.config, {n: r.shape for n, r in src.tensors.items()})
+        assert not rm.unmapped
+        roles[src.root] = sorted((r.layer or -1, r.role) for r in rm.roles.values())
+    assert roles[mf.root] == roles[hf.root]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fingerprint_statistics_agree_exactly(name: str, tmp_path: Path) -> None:
+    a = fingerprint_rows(FIXTURES / name, tmp_path / "ckpt")
+    b = fingerprint_rows(FIXTURES / f"{name}_safetensors", tmp_path / "st")
+    assert_same_stats(a, b)
+
+
+# --- bad input: each a named error with the file (and tensor), exit 2, nothing written ---
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    d = tmp_path / "model"
+    shutil.copytree(FIXTURES / name, d)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    return d
+
+
+def _truncated(tmp_path: Path) -> Path:
+    d = _copy(tmp_path, "mindformers_llama")
+    f = d / "model.ckpt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return d
+
+
+def _patched(name: str, old: bytes, new: bytes, nth: int = 1) -> object:
+    def make(tmp_path: Path) -> Path:
+        d = _copy(tmp_path, name)
+        f = d / "model.ckpt"
+        data = f.read_bytes()
+        at = -1
+        for _ in range(nth):
+            at = data.index(old, at + 1)
+        f.write_bytes(data[:at] + new + data[at + len(old) :])
+        return d
+
+    return make
+
+
+def _bad_crc(tmp_path: Path) -> Path:
+    d = _copy(tmp_path, "llama_fp32_crc")
+    f = d / "model.ckpt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit inside a tensor's bytes
+    f.write_bytes(bytes(data))
+    return d
+
+
+def _mixed(tmp_path: Path) -> Path:
+    d = _copy(tmp_path, "llama_fp32_crc")
+    shutil.copy(FIXTURES / "llama_fp32_crc_safetensors" / "model.safetensors", d)
+    return d
+
+
+def _two_ckpts(tmp_path: Path) -> Path:
+    d = _copy(tmp_path, "llama_fp32_crc")
+    shutil.copy(d / "model.ckpt", d / "model-step2.ckpt")
+    return d
+
+
+# case -> (builder, what the message must say)
+BAD: dict[str, tuple[object, list[str]]] = {
+    "truncated": (_truncated, ["model.ckpt", "tensor 'model.layers.", "truncated"]),
+    # the tensor_type field key (0x12) of the second Value's TensorProto turned into field 15
+    # (MindSpore writes the parameters in the order given: embedding, final norm, lm_head, ...)
+    "corrupt field key": (
+        _patched("mindformers_llama", b"\x12\x07Float32", b"\x7a\x07Float32", nth=2),
+        ["model.ckpt", "tensor 'model.norm_out.weight'", "unexpected protobuf"],
+    ),
+    "unknown tensor_type": (
+        _patched("mindformers_llama", b"Float32", b"Float99", nth=3),
+        ["model.ckpt", "tensor 'lm_head.weight'", "'Float99'"],
+    ),
+    "bad CRC": (_bad_crc, ["model.ckpt", "CRC32 check failed"]),
+    "encrypted": (lambda t: _copy(t, "encrypted"), ["model.ckpt", "encrypted", "enc_key"]),
+    "mixed formats": (_mixed, ["several formats", "mindspore: model.ckpt"]),
+    "two checkpoints": (_two_ckpts, ["2 mindspore files", "not shards"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_ckpt_is_a_named_error(tmp_path: Path, case: str) -> None:
+    build, words = BAD[case]
+    d = build(tmp_path)  # type: ignore[operator]
+    with pytest.raises(CheckpointError) as e:
+        open_model(d)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_ckpt_cli_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
+    build, words = BAD[case]
+    d = build(tmp_path)  # type: ignore[operator]
+    out = tmp_path / "out"
+    args = ["-m", "npu_fp", "fingerprint", f"model.path={d}", f"hydra.run.dir={out}"]
+    r = run_cli([*args, "device=cpu", "progress=false"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "npu-fp: error:" in r.stderr and "Traceback" not in r.stderr
+    assert all(w in r.stderr for w in words), r.stderr[-2000:]
+    assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
