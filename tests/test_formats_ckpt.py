@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from compare_fixtures import run_compare
 from conftest import run_cli
 from formats_helpers import assert_same_stats, fingerprint_rows
 
@@ -176,3 +177,15 @@ def test_bad_ckpt_cli_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
     assert "npu-fp: error:" in r.stderr and "Traceback" not in r.stderr
     assert all(w in r.stderr for w in words), r.stderr[-2000:]
     assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
+
+
+def test_compare_calls_the_bin_and_ckpt_copies_related(tmp_path: Path) -> None:
+    from test_formats_torch import _as_bin
+
+    st = FIXTURES / "llama_fp32_crc_safetensors"
+    copies = [st, FIXTURES / "llama_fp32_crc", _as_bin(st, tmp_path / "bin")]
+    doc = run_compare(copies, tmp_path / "out", cache_dir=str(tmp_path / "cache"))
+    assert len(doc["pairs"]) == 3
+    for p in doc["pairs"]:
+        assert p["verdict"] == "related", (p["a"], p["b"], p["reason"])
+        assert p["decided_by"]["family"] == "identical_bytes"
