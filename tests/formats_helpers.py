@@ -30,15 +30,18 @@ STAT_KEYS = (
 )
 
 
-def fingerprint_rows(model: Path, out: Path) -> dict[str, dict]:
-    """`npu-fp fingerprint` on one process with small windows (reads cross every boundary)."""
+def fingerprint_rows(model: Path, out: Path, small: bool = True) -> dict[str, dict]:
+    """`npu-fp fingerprint` on one process; `small` windows make reads cross every boundary."""
+    sizes = (
+        {
+            "plan": PlanConfig(segment_bytes=4096),
+            "stats": StatsConfig(chunk_elems=1000, read_bytes=4096),
+        }
+        if small
+        else {}
+    )
     cfg = RunConfig(
-        model=ModelConfig(path=str(model)),
-        out_dir=str(out),
-        progress=False,
-        device="cpu",
-        plan=PlanConfig(segment_bytes=4096),
-        stats=StatsConfig(read_bytes=4096, chunk_elems=1000),
+        model=ModelConfig(path=str(model)), out_dir=str(out), progress=False, device="cpu", **sizes
     )  # type: ignore[arg-type]
     [sig_path] = fingerprint(cfg)
     return {row["name"]: row for row in load_signature(sig_path).tensors}
