@@ -44,15 +44,15 @@ CONFIG = {
 
 
 def write_models(root: Path, gib: int, ms_python: str | None) -> dict[str, Path]:
-    import torch
-    from safetensors.torch import save_file
-
     base = root / f"{gib}g"
     out = {f: base / f for f in ("safetensors", "bin", "ckpt")}
     if not ms_python:
         del out["ckpt"]
     if all((d / "config.json").is_file() for d in out.values()):
         return out
+    import torch  # only in the writer process (see main)
+    from safetensors.torch import save_file
+
     g = torch.Generator().manual_seed(gib)
     tensors = {}
     n = gib * 16
@@ -105,10 +105,20 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,2")
     ap.add_argument("--windows", default="16,64", help="stats.read_bytes values, MiB")
     ap.add_argument("--mindspore-python", default=None)
+    ap.add_argument("--write-only", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_only is not None:
+        write_models(args.dir, args.write_only, args.mindspore_python)
+        return
     rows = []
     for gib in (int(s) for s in args.sizes.split(",")):
-        models = write_models(args.dir, gib, args.mindspore_python)
+        # written by a child process: Linux keeps ru_maxrss across fork + exec, so a parent
+        # that held the tensors would raise every measured child's peak RSS to its own
+        cmd = [sys.executable, __file__, "--dir", str(args.dir), "--write-only", str(gib)]
+        if args.mindspore_python:
+            cmd += ["--mindspore-python", args.mindspore_python]
+        subprocess.run(cmd, check=True)
+        models = write_models(args.dir, gib, args.mindspore_python)  # already there: paths only
         for window in (int(w) for w in args.windows.split(",")):
             reference = None
             for fmt, d in models.items():

@@ -129,6 +129,16 @@ def _malicious_import(tmp_path: Path) -> Path:
     return d
 
 
+def _deep_nesting(tmp_path: Path) -> Path:
+    d = _model_dir(tmp_path)
+    # {"x": {"x": ... {"w": 1}}} 10,000 deep, as opcodes (pickle.dumps itself recurses)
+    key = b"X\x01\x00\x00\x00"
+    depth = 10_000
+    payload = b"\x80\x02" + (b"}" + key + b"x") * depth + b"}" + key + b"wK\x01s" + b"s" * depth
+    _zip_with_pickle(d / "pytorch_model.bin", payload + b".")
+    return d
+
+
 def _legacy(tmp_path: Path) -> Path:
     d = _model_dir(tmp_path)
     torch.save({"w": torch.ones(2)}, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
@@ -186,6 +196,7 @@ BAD: dict[str, tuple[object, list[str]]] = {
         _malicious_import,
         ["pytorch_model.bin", "evil_ckpt_module.run", "was imported or run"],
     ),
+    "deep nesting": (_deep_nesting, ["pytorch_model.bin", "nested deeper than 64"]),
     "legacy format": (_legacy, ["pytorch_model.bin", "legacy", "convert it"]),
     "truncated": (_truncated, ["pytorch_model.bin", "truncated or corrupt"]),
     "corrupt pickle": (_corrupt_pickle, ["pytorch_model.bin", "pickle"]),

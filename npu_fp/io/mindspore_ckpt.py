@@ -21,7 +21,13 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from npu_fp.io.safetensors_header import MAX_TENSORS, CheckpointError, FileHeader, TensorRef
+from npu_fp.io.safetensors_header import (
+    DTYPE_BITS,
+    MAX_TENSORS,
+    CheckpointError,
+    FileHeader,
+    TensorRef,
+)
 from npu_fp.io.validate import InputError, open_regular, pread_exact
 
 # tensor_type strings MindSpore writes -> safetensors dtype strings
@@ -40,8 +46,6 @@ CKPT_DTYPES: dict[str, str] = {
     "UInt8": "U8",
     "Bool": "BOOL",
 }
-WIDTH = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4}
-WIDTH |= {"F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 CRC_TRAILER = b"crc_num"  # + CRC32 of everything before it as a 10-byte big-endian integer
 CRC_TRAILER_LEN = len(CRC_TRAILER) + 10
 MAX_TAG_BYTES = 64 << 10
@@ -306,7 +310,7 @@ def _ref(path: str, e: _Entry) -> TensorRef:
             f"{e.dtype_name[:40]!r}; expected one of {sorted(CKPT_DTYPES)}"
             + (" (Int4 / qint4x2 is not supported)" if e.dtype_name == "Int4" else "")
         )
-    need = math.prod(e.dims) * WIDTH[dtype]
+    need = math.prod(e.dims) * DTYPE_BITS[dtype] // 8
     have = sum(stop - begin for begin, stop in e.extents)
     if need != have:
         raise CheckpointError(

@@ -23,10 +23,17 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from npu_fp.io.safetensors_header import MAX_TENSORS, CheckpointError, FileHeader, TensorRef
+from npu_fp.io.safetensors_header import (
+    DTYPE_BITS,
+    MAX_TENSORS,
+    CheckpointError,
+    FileHeader,
+    TensorRef,
+)
 from npu_fp.io.validate import InputError, open_regular, pread_exact
 
 MAX_PICKLE_BYTES = 256 << 20  # a state dict's pickle holds names and shapes only
+MAX_NESTING = 64  # dicts inside dicts ({"model": {"state_dict": ...}}), as for JSON
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled magic number
 
@@ -62,12 +69,10 @@ TORCH_DTYPE_NAMES: dict[str, str] = {
     "float8_e4m3fnuz": "F8_E4M3FNUZ",
     "float8_e5m2fnuz": "F8_E5M2FNUZ",
 }
-DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
-DTYPE_BYTES |= {"I16": 2, "U16": 2}
 
 
 def _itemsize(dtype: str) -> int:
-    return DTYPE_BYTES.get(dtype, 1)
+    return DTYPE_BITS[dtype] // 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,14 +204,16 @@ def _load_pickle(data: bytes, path: str) -> object:
 
 
 def _flatten(
-    path: str, obj: object, prefix: str, out: dict[str, _Tensor], skipped: list[str]
+    path: str, obj: object, prefix: str, out: dict[str, _Tensor], skipped: list[str], depth: int = 0
 ) -> None:
     """Tensors of a (possibly nested) dict by dotted name; other leaves are not weights."""
+    if depth > MAX_NESTING:
+        raise CheckpointError(f"{path}: dicts nested deeper than {MAX_NESTING} levels")
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise CheckpointError(f"{path}: state dict key {str(k)[:80]!r} is not a string")
-            _flatten(path, v, f"{prefix}{k}.", out, skipped)
+            _flatten(path, v, f"{prefix}{k}.", out, skipped, depth + 1)
     elif isinstance(obj, _Tensor):
         out[prefix[:-1]] = obj
     else:
