@@ -15,6 +15,10 @@ from conftest import run_cli
 from formats_helpers import assert_same_stats, fingerprint_rows
 from safetensors.torch import load_file
 
+from npu_fp.activations import run_activations
+from npu_fp.config import ActivationsConfig
+from npu_fp.device import resolve_device
+from npu_fp.dist import DistContext
 from npu_fp.io.reader import FileCache, RowReader
 from npu_fp.io.safetensors_header import CheckpointError
 from npu_fp.io.source import open_model
@@ -231,3 +235,17 @@ def test_bad_bin_cli_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
     assert all(w in r.stderr for w in words), r.stderr[-2000:]
     assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_activations_read_the_bin_copy_unchanged(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The layer-streamed forward on a `.bin` copy gives the rows of the safetensors original."""
+    st = tiny_models["dense"]
+    b = _as_bin(st, tmp_path / "bin", shards=2)
+    shutil.copy(st / "tokenizer.json", b / "tokenizer.json")
+    cfg = ActivationsConfig(batch_size=2, seq_len=12, num_batches=2, seed=1)
+    ctx = DistContext(0, 0, 1, resolve_device("cpu"))
+    got = run_activations(ctx, cfg, str(b), open_model(b)).rows
+    want = run_activations(ctx, cfg, str(st), open_model(st)).rows
+    assert got == want and len(got) > 0
