@@ -1,8 +1,13 @@
-"""Shared by the format tests: fingerprint a folder in-process and compare per-tensor rows."""
+"""Shared by the format tests: `.bin` copies, in-process fingerprints, per-tensor comparisons."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from npu_fp.config import ModelConfig, PlanConfig, RunConfig, StatsConfig
 from npu_fp.fingerprint import fingerprint
@@ -52,3 +57,24 @@ def assert_same_stats(a: dict[str, dict], b: dict[str, dict]) -> None:
     for name, row in a.items():
         for key in STAT_KEYS:
             assert row.get(key) == b[name].get(key), (name, key, row.get(key), b[name].get(key))
+
+
+def as_bin(src: Path, dst: Path, shards: int = 1, **save_kw: object) -> Path:
+    """The safetensors model in `src` saved with torch.save, in `shards` files plus an index."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    sd = load_file(str(src / "model.safetensors"))
+    if shards == 1:
+        torch.save(sd, dst / "pytorch_model.bin", **save_kw)
+        return dst
+    names = sorted(sd)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: sd[n] for n in names[i::shards]}
+        torch.save(part, dst / fname)
+        weight_map |= dict.fromkeys(part, fname)
+    (dst / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return dst

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from compare_fixtures import run_compare
 from conftest import run_cli
-from formats_helpers import assert_same_stats, fingerprint_rows
+from formats_helpers import as_bin, assert_same_stats, fingerprint_rows
 
 from npu_fp.arch import map_roles
 from npu_fp.io.reader import FileCache, RowReader
@@ -180,12 +180,28 @@ def test_bad_ckpt_cli_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
 
 
 def test_compare_calls_the_bin_and_ckpt_copies_related(tmp_path: Path) -> None:
-    from test_formats_torch import _as_bin
-
     st = FIXTURES / "llama_fp32_crc_safetensors"
-    copies = [st, FIXTURES / "llama_fp32_crc", _as_bin(st, tmp_path / "bin")]
+    copies = [st, FIXTURES / "llama_fp32_crc", as_bin(st, tmp_path / "bin")]
     doc = run_compare(copies, tmp_path / "out", cache_dir=str(tmp_path / "cache"))
     assert len(doc["pairs"]) == 3
     for p in doc["pairs"]:
         assert p["verdict"] == "related", (p["a"], p["b"], p["reason"])
         assert p["decided_by"]["family"] == "identical_bytes"
+
+
+@pytest.mark.slow
+def test_sliced_ckpt_and_bin_signatures_identical_for_1_and_2_ranks(tmp_path: Path) -> None:
+    """Row segments that straddle two slices are read on whichever rank the plan gives them."""
+    models = {"ckpt": FIXTURES / "llama_fp16_sliced"}
+    models["bin"] = as_bin(FIXTURES / "llama_fp16_sliced_safetensors", tmp_path / "bin")
+    for fmt, model in models.items():
+        sigs = []
+        for n in (1, 2):
+            out = tmp_path / f"{fmt}-{n}"
+            args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+            args += ["-m", "npu_fp", "fingerprint", f"model.path={model}", f"hydra.run.dir={out}"]
+            args += ["plan.segment_bytes=4096", "stats.read_bytes=4096", "progress=false"]
+            r = run_cli([*args, "device=cpu"], cwd=tmp_path)
+            assert r.returncode == 0, r.stderr[-3000:]
+            sigs.append((out / "signature.json").read_bytes())
+        assert sigs[0] == sigs[1], fmt

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 import sys
@@ -12,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from formats_helpers import assert_same_stats, fingerprint_rows
-from safetensors.torch import load_file
+from formats_helpers import as_bin, assert_same_stats, fingerprint_rows
 
 from npu_fp.activations import run_activations
 from npu_fp.config import ActivationsConfig
@@ -24,26 +22,6 @@ from npu_fp.io.safetensors_header import CheckpointError
 from npu_fp.io.source import open_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mindspore"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-
-
-def _as_bin(src: Path, dst: Path, shards: int = 1, **save_kw: object) -> Path:
-    """The safetensors model in `src` saved with torch.save, in `shards` files plus an index."""
-    dst.mkdir(parents=True)
-    shutil.copy(src / "config.json", dst / "config.json")
-    sd = load_file(str(src / "model.safetensors"))
-    if shards == 1:
-        torch.save(sd, dst / "pytorch_model.bin", **save_kw)
-        return dst
-    names = sorted(sd)
-    weight_map = {}
-    for i in range(shards):
-        fname = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = {n: sd[n] for n in names[i::shards]}
-        torch.save(part, dst / fname)
-        weight_map |= dict.fromkeys(part, fname)
-    (dst / TORCH_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return dst
 
 
 @pytest.mark.parametrize("name", ["llama_fp32_crc", "llama_bf16_meta", "llama_fp16_sliced"])
@@ -52,7 +30,7 @@ def test_bin_statistics_agree_exactly_with_safetensors(
     name: str, shards: int, tmp_path: Path
 ) -> None:
     st = FIXTURES / f"{name}_safetensors"
-    b = _as_bin(st, tmp_path / "bin", shards)
+    b = as_bin(st, tmp_path / "bin", shards)
     assert len(open_model(b).files) == shards
     assert_same_stats(fingerprint_rows(b, tmp_path / "o1"), fingerprint_rows(st, tmp_path / "o2"))
 
@@ -189,7 +167,7 @@ def _short_storage(tmp_path: Path) -> Path:
 
 
 def _mixed(tmp_path: Path) -> Path:
-    d = _as_bin(FIXTURES / "llama_fp32_crc_safetensors", tmp_path / "model")
+    d = as_bin(FIXTURES / "llama_fp32_crc_safetensors", tmp_path / "model")
     shutil.copy(FIXTURES / "llama_fp32_crc_safetensors" / "model.safetensors", d)
     return d
 
@@ -242,7 +220,7 @@ def test_activations_read_the_bin_copy_unchanged(
 ) -> None:
     """The layer-streamed forward on a `.bin` copy gives the rows of the safetensors original."""
     st = tiny_models["dense"]
-    b = _as_bin(st, tmp_path / "bin", shards=2)
+    b = as_bin(st, tmp_path / "bin", shards=2)
     shutil.copy(st / "tokenizer.json", b / "tokenizer.json")
     cfg = ActivationsConfig(batch_size=2, seq_len=12, num_batches=2, seed=1)
     ctx = DistContext(0, 0, 1, resolve_device("cpu"))
