@@ -205,3 +205,15 @@ def test_sliced_ckpt_and_bin_signatures_identical_for_1_and_2_ranks(tmp_path: Pa
             assert r.returncode == 0, r.stderr[-3000:]
             sigs.append((out / "signature.json").read_bytes())
         assert sigs[0] == sigs[1], fmt
+
+
+def test_crc_is_checked_again_after_the_file_changes(tmp_path: Path) -> None:
+    d = _copy(tmp_path, "llama_fp32_crc")
+    open_model(d)  # verified once; the same file is not read again for its CRC
+    f = d / "model.ckpt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with open(f, "r+b") as fh:  # in place: same inode and size
+        fh.write(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC32 check failed"):
+        open_model(d)

@@ -232,6 +232,11 @@ def _entries(wire: _Wire, end: int) -> list[_Entry]:
     return out
 
 
+# files whose CRC already matched in this process, by identity (ctime changes on any write):
+# compare opens every model several times, and the check reads the whole file
+_CRC_VERIFIED: set[tuple[int, ...]] = set()
+
+
 def _check_crc(fd: int, path: str, size: int) -> int:
     """Size of the protobuf part: the file less a verified `crc_num` trailer, if it has one."""
     if size < CRC_TRAILER_LEN:
@@ -241,6 +246,10 @@ def _check_crc(fd: int, path: str, size: int) -> int:
         return size
     want = int.from_bytes(tail[len(CRC_TRAILER) :], "big")
     end = size - CRC_TRAILER_LEN
+    st = os.fstat(fd)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if identity in _CRC_VERIFIED:
+        return end
     crc, pos = 0, 0
     while pos < end:
         chunk = os.pread(fd, min(_CRC_CHUNK, end - pos), pos)
@@ -253,6 +262,7 @@ def _check_crc(fd: int, path: str, size: int) -> int:
             f"{path}: CRC32 check failed (the crc_num trailer says {want:#010x}, the content "
             f"gives {crc:#010x}); the file is damaged"
         )
+    _CRC_VERIFIED.add(identity)
     return end
 
 
