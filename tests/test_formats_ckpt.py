@@ -21,13 +21,19 @@ from npu_fp.io.safetensors_header import CheckpointError
 from npu_fp.io.source import open_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mindspore"
-MODELS = ["llama_fp32_crc", "llama_bf16_meta", "llama_fp16_sliced", "mindformers_llama"]
+MODELS = [
+    "llama_fp32_crc",
+    "llama_bf16_meta",
+    "llama_fp16_sliced",
+    "mindformers_llama",
+    "mindformers_fused",
+]
 
 
 def test_fixtures_match_their_sha256sums() -> None:
     lines = (FIXTURES / "SHA256SUMS").read_text().split("\n")
     sums = dict(reversed(line.split("  ", 1)) for line in lines if line)
-    assert len(sums) == 18  # 9 folders: model file + config.json
+    assert len(sums) == 22  # 11 folders: model file + config.json
     for rel, digest in sums.items():
         assert hashlib.sha256((FIXTURES / rel).read_bytes()).hexdigest() == digest, rel
 
@@ -73,6 +79,29 @@ def test_mindformers_names_map_to_the_hf_roles() -> None:
         assert not rm.unmapped
         roles[src.root] = sorted((r.layer or -1, r.role) for r in rm.roles.values())
     assert roles[mf.root] == roles[hf.root]
+
+
+def test_mindformers_fused_projections_are_split_into_parts() -> None:
+    src = open_model(FIXTURES / "mindformers_fused")
+    rm = map_roles(src.config, {n: r.shape for n, r in src.tensors.items()})
+    assert not rm.unmapped
+    qkv = rm.roles["model.layers.1.attention.w_qkv.weight"]
+    assert qkv.role == "attn.qkv"
+    assert [(p.role, p.ranges) for p in qkv.parts] == [
+        ("attn.q", ((0, 32),)),
+        ("attn.k", ((32, 48),)),
+        ("attn.v", ((48, 64),)),
+    ]
+    assert [p.role for p in rm.roles["model.layers.1.attention.w_qkv.bias"].parts] == [
+        "attn.q_bias",
+        "attn.k_bias",
+        "attn.v_bias",
+    ]
+    gate_up = rm.roles["model.layers.0.feed_forward.w_gate_hidden.weight"]
+    assert [(p.role, p.ranges) for p in gate_up.parts] == [
+        ("mlp.gate", ((0, 64),)),
+        ("mlp.up", ((64, 128),)),
+    ]
 
 
 @pytest.mark.parametrize("name", MODELS)
