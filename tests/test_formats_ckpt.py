@@ -27,13 +27,14 @@ MODELS = [
     "llama_fp16_sliced",
     "mindformers_llama",
     "mindformers_fused",
+    "mindformers_train_state",
 ]
 
 
 def test_fixtures_match_their_sha256sums() -> None:
     lines = (FIXTURES / "SHA256SUMS").read_text().split("\n")
     sums = dict(reversed(line.split("  ", 1)) for line in lines if line)
-    assert len(sums) == 22  # 11 folders: model file + config.json
+    assert len(sums) == 26  # 13 folders: model file + config.json
     for rel, digest in sums.items():
         assert hashlib.sha256((FIXTURES / rel).read_bytes()).hexdigest() == digest, rel
 
@@ -79,6 +80,19 @@ def test_mindformers_names_map_to_the_hf_roles() -> None:
         assert not rm.unmapped
         roles[src.root] = sorted((r.layer or -1, r.role) for r in rm.roles.values())
     assert roles[mf.root] == roles[hf.root]
+
+
+def test_optimizer_state_is_skipped_not_mapped_as_weights(tmp_path: Path) -> None:
+    src = open_model(FIXTURES / "mindformers_train_state")
+    rm = map_roles(src.config, {n: r.shape for n, r in src.tensors.items()})
+    state = [n for n in src.tensors if n.startswith(("adam_m.", "adam_v."))]
+    assert len(state) == 42 and not rm.unmapped
+    assert all(rm.roles[n].kind == "aux" for n in [*state, "global_step", "learning_rate"])
+    # one attn.q per layer: the Adam moments named after it are not a second one
+    assert sorted(r.layer for r in rm.roles.values() if r.role == "attn.q") == [0, 1]
+    # statistics for the weights only: the names of the checkpoint without its optimizer state
+    rows = fingerprint_rows(FIXTURES / "mindformers_train_state", tmp_path / "out")
+    assert sorted(rows) == sorted(fingerprint_rows(FIXTURES / "mindformers_llama", tmp_path / "r"))
 
 
 def test_mindformers_fused_projections_are_split_into_parts() -> None:

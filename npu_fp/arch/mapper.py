@@ -26,6 +26,21 @@ _SCALE_PARAMS = frozenset({"weight_scale_inv", "weight_scale", "input_scale"})
 _AUX_PARAMS = frozenset(
     {"inv_freq", "position_ids", "masked_bias", "kv_cache_scale", "kv_cache_offset"}
 )
+# Training checkpoints (MindSpore / MindFormers, layouts doc 1.3): optimizer state, by the first
+# name component (`adam_m.model.layers.0...` must not map as the layer's weight), and the
+# optimizer's own scalars, by the whole name.
+_OPTIMIZER_STATE = frozenset({"adam_m", "adam_v", "moments", "accu_grads", "moment1", "moment2"})
+_OPTIMIZER_SCALARS = frozenset(
+    {
+        "global_step",
+        "learning_rate",
+        "beta1_power",
+        "beta2_power",
+        "scale_sense",
+        "current_iterator_step",
+        "last_overflow_iterator_step",
+    }
+)
 # Name components that mark a non-LM tower in a multimodal checkpoint.
 _TOWERS = frozenset(
     {
@@ -99,6 +114,8 @@ class _Mapper:
         return None, local
 
     def classify(self, name: str, local: str, shape: tuple[int, ...]) -> TensorRole | None:
+        if local.split(".", 1)[0] in _OPTIMIZER_STATE or local in _OPTIMIZER_SCALARS:
+            return TensorRole(name, "aux", kind="aux")
         layer, rest = self.layer_of(local)
         em = EXPERT_PATTERN.search("." + rest) if layer is not None else None
         expert = int(em.group(1)) if em else None
