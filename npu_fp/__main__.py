@@ -20,6 +20,7 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # before torch: see
 
 import errno  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
@@ -69,6 +70,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ValueError as e:  # user errors: named, actionable, no traceback, non-zero exit
         print(f"npu-fp: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (below): cleanup has run, nothing partial
+        print("npu-fp: interrupted; outputs left as they were, rerun to resume", file=sys.stderr)
+        sys.exit(130)
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
@@ -129,7 +133,14 @@ HYDRA_VALUE_FLAGS = {
 }
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (torchrun stopping the other ranks, a scheduler) unwinds like Ctrl-C, so every
+    `finally` runs: staging removed, locks released, partial results closed."""
+    raise KeyboardInterrupt
+
+
 def cli() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     argv = sys.argv[1:]
     extra = []
     for i, arg in enumerate(argv):

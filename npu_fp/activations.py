@@ -247,7 +247,7 @@ def activations(cfg: RunConfig) -> Path:
             "config.json, *.safetensors and tokenizer.json)"
         )
     out = Path(cfg.out_dir)
-    with distributed(cfg.device) as ctx:
+    with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
         setup_rank_logging(out, ctx.rank)
         source = open_model(cfg.model.path)
         result = run_activations(ctx, cfg.activations, source.root, source)

@@ -94,6 +94,9 @@ class CompareConfig:
     sketch_dim: int = 32  # columns of the layer sketches behind the layer x layer matrix
     max_pool_units: int = 65536  # skip unit matching into a larger FFN unit pool (with a warning)
     seed: int = 0  # token subsample and projections
+    # a signature whose model folder now holds other bytes (io/stamp.py): fingerprint the folder
+    # again (true) or stop with a named error (false)
+    refingerprint_stale: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.p_threshold < 1.0:
@@ -117,6 +120,19 @@ class BenchmarkConfig:
 
 
 @dataclass
+class DistConfig:
+    # longest a rank waits for another at a synchronisation point (the process-group timeout):
+    # a stopped or hung rank is named after this long. It must exceed the spread of finishing
+    # times between ranks (the plan balances bytes); a false alarm costs little, as finished work
+    # items are kept and a rerun resumes from them.
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"dist.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
 class RunConfig:
     command: str = "fingerprint"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,6 +149,7 @@ class RunConfig:
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:

@@ -22,6 +22,14 @@ from npu_fp.device import Device, resolve_device
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class RankFailedError(ValueError):
+    """A rank stopped answering (stopped, hung, dead) within `dist.timeout_s`; names the rank.
+
+    A ValueError so the entry point reports it like every named error: one line, exit 2."""
+
 
 @dataclass(frozen=True, slots=True)
 class DistContext:
@@ -30,6 +38,7 @@ class DistContext:
     world_size: int
     device: Device
     backend: str | None = None  # None: single process, no process group
+    timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for another rank at a synchronisation
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +67,7 @@ def backend_for(device: Device) -> str:
 
 
 @contextlib.contextmanager
-def distributed(device_request: str, timeout_s: float = 1800.0) -> Iterator[DistContext]:
+def distributed(device_request: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistContext]:
     """Initialise (when under torchrun), yield the rank's context, always tear down."""
     env = torchrun_env()
     if env is None:
@@ -76,7 +85,7 @@ def distributed(device_request: str, timeout_s: float = 1800.0) -> Iterator[Dist
         dist.init_process_group(**kwargs)
     else:
         log.warning("process group already initialised; reusing it")
-    ctx = DistContext(rank, local_rank, world, device, backend)
+    ctx = DistContext(rank, local_rank, world, device, backend, timeout_s)
     ok = False
     try:
         yield ctx
@@ -103,11 +112,25 @@ def reduce_rows_to_main(ctx: DistContext, table: torch.Tensor) -> torch.Tensor:
     if ctx.is_main:
         buf = torch.empty_like(table)
         for src in range(1, ctx.world_size):
-            dist.recv(buf, src=src)
+            recv_from(ctx, buf, src, "its results")
             table += buf
     else:
         dist.send(table.contiguous(), dst=0)
     return table
+
+
+def recv_from(ctx: DistContext, buf: torch.Tensor, src: int, what: str) -> None:
+    """`dist.recv` that names the silent rank: the process group's timeout (`dist.timeout_s`)
+    bounds the wait, and gloo's own message says only which operation timed out."""
+    try:
+        dist.recv(buf, src=src)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RankFailedError(
+            f"rank {src} did not send {what} to rank {ctx.rank} within dist.timeout_s="
+            f"{ctx.timeout_s:g} s: it is stopped, hung or dead ({first}); its log is "
+            f"logs/rank{src}.log. Partial results are kept: rerun the same command to resume"
+        ) from None
 
 
 def _closing_handshake(ctx: DistContext) -> None:
@@ -115,12 +138,12 @@ def _closing_handshake(ctx: DistContext) -> None:
     token = torch.zeros(1)
     if ctx.is_main:
         for src in range(1, ctx.world_size):
-            dist.recv(token, src=src)
+            recv_from(ctx, token, src, "its closing token")
         for dst in range(1, ctx.world_size):
             dist.send(token, dst=dst)
     else:
         dist.send(token, dst=0)
-        dist.recv(token, src=0)
+        recv_from(ctx, token, 0, "the closing token")
 
 
 def gather_objects_to_main(ctx: DistContext, obj: Any) -> list[Any] | None:
@@ -151,8 +174,19 @@ def main_raises_everywhere(ctx: DistContext, error: BaseException | None) -> Non
         if error is not None:
             raise error
         return
+    # point-to-point through rank 0 rather than all_reduce, so a rank that never arrives is
+    # named (recv_from) instead of ending in an anonymous collective timeout
     flag = torch.tensor([1.0 if error is not None else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if ctx.is_main:
+        buf = torch.zeros(1)
+        for src in range(1, ctx.world_size):
+            recv_from(ctx, buf, src, "its status")
+            flag = torch.maximum(flag, buf)
+        for dst in range(1, ctx.world_size):
+            dist.send(flag, dst=dst)
+    else:
+        dist.send(flag, dst=0)
+        recv_from(ctx, flag, 0, "the job status")
     if error is not None:
         raise error
     if flag.item() > 0:

@@ -7,6 +7,7 @@ table to rank 0, which merges segments in a fixed order and alone writes the out
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -25,16 +26,20 @@ from npu_fp.dist import (
     main_raises_everywhere,
     reduce_rows_to_main,
 )
+from npu_fp.io import rundir
 from npu_fp.io.atomic import write_text_atomic
 from npu_fp.io.reader import FileCache, RowReader, scale_for
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.source import ModelSource, open_model
+from npu_fp.io.stamp import FileStamp, folder_stamps
+from npu_fp.io.validate import InputError
 from npu_fp.plan import Plan, format_plan, make_plan
 from npu_fp.progress import Progress
 from npu_fp.signature import FORMAT, SCHEMA_VERSION, Signature, seal, tensors_csv, write_signature
+from npu_fp.stats import partials
 from npu_fp.stats.aggregate import TensorStats, layer_table, tensor_row
 from npu_fp.stats.kernel import MomentKernel, item_stats
-from npu_fp.stats.moments import NUM_FIELDS, Moments
+from npu_fp.stats.moments import FIELDS, NUM_FIELDS, Moments
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,11 @@ class Layout:
     plan: Plan
     first_slot: tuple[int, ...]
     num_slots: int
+
+    def span(self, item: int) -> slice:
+        """The table rows of work item `item`: its whole, then its parts."""
+        end = self.first_slot[item + 1] if item + 1 < len(self.first_slot) else self.num_slots
+        return slice(self.first_slot[item], end)
 
 
 def computed_tensors(source: ModelSource, rolemap: RoleMap) -> tuple[list[TensorRef], list[str]]:
@@ -96,11 +106,21 @@ def words_digest(words: list[float]) -> bytes:
 
 
 def compute_table(
-    ctx: DistContext, cfg: RunConfig, source: ModelSource, rolemap: RoleMap, layout: Layout
+    ctx: DistContext,
+    cfg: RunConfig,
+    source: ModelSource,
+    rolemap: RoleMap,
+    layout: Layout,
+    store: partials.PartialStore | None = None,
 ) -> torch.Tensor:
-    """This rank's slots of the table: moments of whole and parts, digest of each segment."""
+    """This rank's slots of the table: moments of whole and parts, digest of each segment.
+
+    Items an earlier, interrupted run finished (valid records in `store`) are taken as they are;
+    every item computed here is recorded there before the next one starts."""
     table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
     mine = layout.plan.assignment[ctx.rank]
+    done = store.load() if store is not None else {}
+    reused = 0
     kernel = MomentKernel(ctx.device, cfg.stats.chunk_elems)
     my_bytes = sum(layout.plan.items[i].nbytes for i in mine)
     progress = Progress(
@@ -112,6 +132,12 @@ def compute_table(
         reader = RowReader(files)
         for i in mine:
             item = layout.plan.items[i]
+            span = layout.span(i)
+            if i in done and done[i].shape == table[span].shape:
+                table[span] = done[i]
+                reused += 1
+                progress.advance(item.nbytes * ctx.world_size)
+                continue
             ref = source.tensors[item.tensor]
             role = rolemap.roles.get(item.tensor)
             scale = scale_for(source.tensors, ref)
@@ -121,9 +147,53 @@ def compute_table(
             table[slot, 9:13] = torch.tensor(digest_words(res.digest), dtype=torch.float64)
             for j, pm in enumerate(res.parts):
                 table[slot + 1 + j, :9] = torch.tensor(pm.to_row(), dtype=torch.float64)
+            if store is not None:
+                store.save(i, table[span])
             progress.advance(item.nbytes * ctx.world_size)
     progress.close()
+    log.info(
+        "rank %d: %d work items reused from partials, %d computed",
+        ctx.rank,
+        reused,
+        len(mine) - reused,
+    )
     return table
+
+
+def partials_inputs(
+    cfg: RunConfig,
+    source: ModelSource,
+    stamps: dict[str, FileStamp],
+    layout: Layout,
+    device_type: str,
+) -> dict:
+    """Everything that shapes a work item's numbers: what seals its partial result."""
+    return {
+        "npu_fp": npu_fp.__version__,
+        "fields": list(FIELDS),
+        "files": [
+            {"name": f.name, "header_sha256": f.header_sha256, **stamps[f.name].as_dict()}
+            for f in source.files
+        ],
+        "config_sha256": source.config_sha256,
+        "lm_prefix": cfg.model.lm_prefix,
+        "segment_bytes": cfg.plan.segment_bytes,
+        "expert_groups": cfg.plan.expert_groups,
+        "chunk_elems": cfg.stats.chunk_elems,
+        "read_bytes": cfg.stats.read_bytes,
+        "widen_on_host": cfg.stats.widen_on_host,
+        "device_type": device_type,
+        "items": [
+            [
+                it.tensor,
+                it.segment,
+                it.row_begin,
+                it.row_end,
+                layout.span(i).stop - layout.span(i).start,
+            ]
+            for i, it in enumerate(layout.plan.items)
+        ],
+    }
 
 
 def finish_stats(
@@ -163,6 +233,7 @@ def signature_doc(
     skipped: list[str],
     name: str,
     device_type: str,
+    stamps: dict[str, FileStamp],
 ) -> dict:
     rows = [tensor_row(ts) for ts in sorted(stats, key=lambda t: (t.ref.name, t.part or ""))]
     content = xxhash.xxh3_128()
@@ -181,8 +252,10 @@ def signature_doc(
         "experts_per_group": rolemap.experts_per_group,
         "num_tensors": len(source.tensors),
         "total_bytes": source.total_bytes,
+        # size, mtime and sampled bytes bind the signature to the bytes it describes (io/stamp.py)
         "files": [
-            {"name": f.name, "size": f.size, "header_sha256": f.header_sha256} for f in source.files
+            {"name": f.name, "header_sha256": f.header_sha256, **stamps[f.name].as_dict()}
+            for f in source.files
         ],
         "content_hash": content.hexdigest(),
     }
@@ -227,12 +300,45 @@ def fingerprint_model(
             print(format_plan(plan, sum(r.nbytes for r in refs)))
         return None
     layout = build_layout(plan, rolemap.roles)
+    with contextlib.ExitStack() as held:
+        # rank 0 owns the run directory for the whole run; every rank learns if it cannot
+        error: BaseException | None = None
+        if ctx.is_main:
+            try:
+                held.enter_context(rundir.lock(out_dir))
+                rundir.begin(out_dir)
+            except (InputError, OSError) as e:
+                error = e
+        main_raises_everywhere(ctx, error)
+        return _compute_and_write(ctx, cfg, source, rolemap, layout, skipped, out_dir, name, t0)
+
+
+def _compute_and_write(
+    ctx: DistContext,
+    cfg: RunConfig,
+    source: ModelSource,
+    rolemap: RoleMap,
+    layout: Layout,
+    skipped: list[str],
+    out_dir: Path,
+    name: str | None,
+    t0: float,
+) -> Signature | None:
     error: BaseException | None = None
     table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
     t_compute = time.perf_counter()
+    stamps: dict[str, FileStamp] = {}
     try:
-        table = compute_table(ctx, cfg, source, rolemap, layout)
-    except (CheckpointError, OSError, RuntimeError) as e:
+        stamps = folder_stamps(source.root, [f.name for f in source.files])
+        key = partials.inputs_key(partials_inputs(cfg, source, stamps, layout, ctx.device.type))
+        if ctx.is_main:
+            partials.drop_other_runs(out_dir, key)
+        store = partials.PartialStore(out_dir, key, ctx.rank)
+        try:
+            table = compute_table(ctx, cfg, source, rolemap, layout, store)
+        finally:
+            store.close()
+    except (CheckpointError, InputError, OSError, RuntimeError) as e:
         log.error("rank %d failed: %s", ctx.rank, e)
         error = e
     main_raises_everywhere(ctx, error)
@@ -256,15 +362,12 @@ def fingerprint_model(
     model_name = name or cfg.model.name or Path(source.root).name
     if Path(source.root).parent.name == "snapshots" and not (name or cfg.model.name):
         model_name = Path(source.root).parent.parent.name.removeprefix("models--")
-    doc = signature_doc(cfg, source, rolemap, stats, skipped, model_name, ctx.device.type)
+    doc = signature_doc(cfg, source, rolemap, stats, skipped, model_name, ctx.device.type, stamps)
     if act is not None:
         doc["activations"] = {"rows": act.rows, "routing": act.routing, "settings": act.settings}
     sig = Signature(seal(doc))
-    if act is not None:
-        from npu_fp.activations import write_activation_outputs
-
-        write_activation_outputs(act, out_dir)
-    write_outputs(sig, out_dir)
+    write_outputs(sig, out_dir, act)
+    partials.drop_all(out_dir)
     elapsed = time.perf_counter() - t0
     log.info(
         "%s: %.3f GiB in %.2f s (%.2f GB/s) -> %s",
@@ -281,14 +384,18 @@ def fingerprint_model(
     return Signature(sig.doc, str(out_dir / "signature.json"))
 
 
-def write_outputs(sig: Signature, out_dir: Path) -> None:
-    """Each file is written atomically; the signature goes last, so its presence means complete."""
+def write_outputs(sig: Signature, out_dir: Path, act: object | None = None) -> None:
+    """The output set is staged and committed whole, its manifest last (io/rundir.py)."""
     from npu_fp.report.profile_plot import plot_profiles
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "tensors.csv", tensors_csv(sig.tensors))
-    plot_profiles([sig], out_dir / "profile.png")
-    write_signature(sig.doc, out_dir)
+    with rundir.staged_outputs(out_dir) as stage:
+        if act is not None:
+            from npu_fp.activations import write_activation_outputs
+
+            write_activation_outputs(act, stage)
+        write_text_atomic(stage / "tensors.csv", tensors_csv(sig.tensors))
+        plot_profiles([sig], stage / "profile.png")
+        write_signature(sig.doc, stage)
 
 
 def fingerprint(cfg: RunConfig) -> list[Path]:
@@ -297,7 +404,7 @@ def fingerprint(cfg: RunConfig) -> list[Path]:
     from npu_fp.logs import setup_rank_logging
 
     out = Path(cfg.out_dir)
-    with distributed(cfg.device) as ctx:
+    with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
         setup_rank_logging(out, ctx.rank)
         if cfg.model.path is not None:
             targets = [(cfg.model.path, out, cfg.model.name)]

@@ -254,7 +254,7 @@ def benchmark(cfg: RunConfig) -> Path:
         for lp in manifest.pairs
         if lp.a in names and lp.b in names
     }
-    with distributed(cfg.device) as ctx:
+    with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
         setup_rank_logging(out, ctx.rank)
         report = (
             compare_models(

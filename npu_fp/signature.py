@@ -223,6 +223,13 @@ def check_schema(doc: dict, where: str) -> None:
         where,
         "identity.files must list {name, size, header_sha256}",
     )
+    for f in files:  # the content stamp (io/stamp.py); absent in signatures of older npu_fp
+        _need(
+            all(k not in f for k in ("mtime_ns", "sample_sha256"))
+            or (_is_int(f.get("mtime_ns")) and isinstance(f.get("sample_sha256"), str)),
+            where,
+            "identity.files: mtime_ns must be an integer and sample_sha256 a string",
+        )
     for i, r in enumerate(tensors):
         _need(isinstance(r.get("name"), str), where, f"tensors[{i}].name must be a string")
         for k, v in r.items():

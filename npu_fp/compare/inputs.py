@@ -1,16 +1,19 @@
 """What `npu-fp compare` compares: models (fingerprinted once, cached by identity) and signatures.
 
 Every rank resolves the same list, so the fingerprinting of uncached models is one collective call
-per model. A signature keeps its model's path; when that folder still holds the same files (same
-header digests), the weight-level tests stream from it, otherwise only hashes and profiles are
-available for that entry and its pairs say so.
+per model. Cached signatures are keyed by the files' content stamps (size, mtime, sampled bytes:
+io/stamp.py), so replaced weights are fingerprinted again. A signature keeps its model's path;
+when that folder holds other files (other headers), only hashes and profiles are available for that
+entry and its pairs say so; when it holds the same headers but other bytes than the signature's
+stamps describe, the folder is fingerprinted again (`compare.refingerprint_stale`, default) or
+the run stops with `StaleSignatureError` naming the file: statistics of one model are never mixed
+with the weights of another.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from npu_fp.config import RunConfig
 from npu_fp.dist import DistContext, barrier, main_raises_everywhere
 from npu_fp.io.safetensors_header import CheckpointError
 from npu_fp.io.source import open_model
+from npu_fp.io.stamp import StaleSignatureError, folder_stamps, stamp_mismatch
 from npu_fp.signature import Signature, SignatureError, load_signature
 
 log = logging.getLogger(__name__)
@@ -38,17 +42,21 @@ class Entry:
 def cache_key(path: str) -> tuple[str, str]:
     """(resolved root, key) where key changes whenever the model's files change."""
     src = open_model(path)
+    stamps = folder_stamps(src.root, [f.name for f in src.files])
     h = hashlib.sha256()
     h.update(src.root.encode())
     h.update(src.config_sha256.encode())
     for f in src.files:
-        mtime = os.stat(Path(src.root) / f.name).st_mtime_ns
-        h.update(f"{f.name}\0{f.size}\0{f.header_sha256}\0{mtime}\n".encode())
+        st = stamps[f.name]
+        h.update(
+            f"{f.name}\0{f.header_sha256}\0{st.size}\0{st.mtime_ns}\0{st.sample_sha256}\n".encode()
+        )
     return src.root, h.hexdigest()
 
 
 def weights_of(sig: Signature) -> tuple[str | None, str]:
-    """The model folder behind a signature, if it still holds exactly the fingerprinted files."""
+    """The model folder behind a signature, if it still holds the fingerprinted files (same
+    headers); whether it holds the same bytes is `stale_reason`'s question."""
     path = sig.identity.get("path")
     if not path or not Path(path).is_dir():
         return None, f"model folder {path!r} of this signature is not available: signature only"
@@ -121,25 +129,50 @@ def resolve_entries(
     display = _display_names(cfg, defaults, names)
     entries: list[Entry] = []
     for (root, key), name in zip(keys, display, strict=False):
-        folder = cache / f"{Path(root).name}-{key[:16]}"
-        sig_path = folder / "signature.json"
-        reuse = False
-        if sig_path.is_file():
-            try:
-                load_signature(sig_path)
-                reuse = True
-            except SignatureError as e:
-                log.warning("cached signature unusable, fingerprinting again: %s", e)
-        barrier(ctx)  # every rank has decided before anyone writes the cache
-        if not reuse:
-            from npu_fp.fingerprint import fingerprint_model
-
-            fingerprint_model(ctx, cfg, root, folder, Path(root).name)
-            barrier(ctx)
-        else:
-            log.info("%s: reusing cached signature %s", root, sig_path)
+        sig_path = cached_signature(ctx, cfg, root, key, cache)
         entries.append(Entry(name, str(sig_path), root, f"weights streamed from {root}"))
     for sig, name in zip(sig_docs, display[len(keys) :], strict=True):
         weights, note = weights_of(sig)
-        entries.append(Entry(name, str(sig.path), weights, note))
+        stale = stale_reason(sig, weights) if weights else None
+        if stale is None:
+            entries.append(Entry(name, str(sig.path), weights, note))
+            continue
+        if not cfg.compare.refingerprint_stale:
+            raise StaleSignatureError(
+                f"{sig.path}: its model folder holds other weights than it describes: {stale}; "
+                "fingerprint the folder again (or drop compare.refingerprint_stale=false)"
+            )
+        log.warning("%s is stale (%s): fingerprinting %s again", sig.path, stale, weights)
+        root, key = cache_key(weights)
+        fresh = cached_signature(ctx, cfg, root, key, cache)
+        entries.append(
+            Entry(name, str(fresh), root, f"signature stale ({stale}); fingerprinted again")
+        )
     return entries
+
+
+def stale_reason(sig: Signature, root: str) -> str | None:
+    """Why the weights in `root` are not the bytes `sig` was computed from, or None."""
+    return stamp_mismatch(sig.identity.get("files", []), root)
+
+
+def cached_signature(ctx: DistContext, cfg: RunConfig, root: str, key: str, cache: Path) -> Path:
+    """The signature of `root` under the cache, fingerprinted first unless cached (collective)."""
+    folder = cache / f"{Path(root).name}-{key[:16]}"
+    sig_path = folder / "signature.json"
+    reuse = False
+    if sig_path.is_file():
+        try:
+            load_signature(sig_path)
+            reuse = True
+        except SignatureError as e:
+            log.warning("cached signature unusable, fingerprinting again: %s", e)
+    barrier(ctx)  # every rank has decided before anyone writes the cache
+    if not reuse:
+        from npu_fp.fingerprint import fingerprint_model
+
+        fingerprint_model(ctx, cfg, root, folder, Path(root).name)
+        barrier(ctx)
+    else:
+        log.info("%s: reusing cached signature %s", root, sig_path)
+    return sig_path

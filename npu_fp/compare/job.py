@@ -42,7 +42,7 @@ def compare(cfg: RunConfig) -> Path:
     from npu_fp.logs import setup_rank_logging
 
     out = Path(cfg.out_dir)
-    with distributed(cfg.device) as ctx:
+    with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
         setup_rank_logging(out, ctx.rank)
         report = compare_models(ctx, cfg, list(cfg.models), list(cfg.signatures), out)
         if report is not None:
