@@ -7,7 +7,6 @@ table to rank 0, which merges segments in a fixed order and alone writes the out
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import resource
 import time
@@ -300,16 +299,8 @@ def fingerprint_model(
             print(format_plan(plan, sum(r.nbytes for r in refs)))
         return None
     layout = build_layout(plan, rolemap.roles)
-    with contextlib.ExitStack() as held:
-        # rank 0 owns the run directory for the whole run; every rank learns if it cannot
-        error: BaseException | None = None
-        if ctx.is_main:
-            try:
-                held.enter_context(rundir.lock(out_dir))
-                rundir.begin(out_dir)
-            except (InputError, OSError) as e:
-                error = e
-        main_raises_everywhere(ctx, error)
+    # rank 0 owns the run directory for the whole run; every rank learns if it cannot
+    with rundir.claimed(out_dir, ctx.is_main, lambda e: main_raises_everywhere(ctx, e)):
         return _compute_and_write(ctx, cfg, source, rolemap, layout, skipped, out_dir, name, t0)
 
 

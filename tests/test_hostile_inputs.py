@@ -27,6 +27,7 @@ from npu_fp import zoo
 from npu_fp.arch.base import TensorRole
 from npu_fp.compare.tensors import read_vocab
 from npu_fp.device import resolve_device
+from npu_fp.io import rundir
 from npu_fp.io.reader import FileCache, RowReader, row_blocks
 from npu_fp.io.safetensors_header import CheckpointError, read_header
 from npu_fp.io.source import open_model
@@ -623,6 +624,64 @@ def test_cli_full_disk_is_named(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr[-2000:]
     assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "signature.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_locked_run_dir_is_named(tmp_path: Path) -> None:
+    """A second run into a run directory another run holds (its lock held here)."""
+    d = model(tmp_path)
+    out = tmp_path / "out"
+    with rundir.lock(out):
+        r = run_cli(
+            [
+                "-m",
+                "npu_fp",
+                "fingerprint",
+                f"model.path={d}",
+                f"hydra.run.dir={out}",
+                "device=cpu",
+            ],
+            cwd=tmp_path,
+            timeout=120,
+        )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "another npu-fp run" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "signature.json").exists() and not (out / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_compare_stale_signature_is_refused(tmp_path: Path) -> None:
+    """Weights swapped under a signature (same header, mtime set back), re-fingerprinting off."""
+    tensors = {"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4)}
+    a, b = model(tmp_path, tensors, name="a"), model(tmp_path, tensors, name="b")
+    fp = run_cli(
+        ["-m", "npu_fp", "fingerprint", f"model.path={a}", f"hydra.run.dir={tmp_path / 'fa'}"],
+        cwd=tmp_path,
+    )
+    assert fp.returncode == 0, fp.stderr[-2000:]
+    st = (a / "model.safetensors").stat()
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4)}, str(a / "model.safetensors")
+    )
+    os.utime(a / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = tmp_path / "out"
+    r = run_cli(
+        [
+            "-m",
+            "npu_fp",
+            "compare",
+            f"signatures=[{tmp_path / 'fa' / 'signature.json'}]",
+            f"models=[{b}]",
+            "compare.refingerprint_stale=false",
+            f"hydra.run.dir={out}",
+            "device=cpu",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "a/model.safetensors: sampled bytes changed" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "report.json").exists()
 
 
 # --- launch safety -----------------------------------------------------------------------------

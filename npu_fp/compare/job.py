@@ -31,6 +31,7 @@ from npu_fp.dist import (
     gather_objects_to_main,
     main_raises_everywhere,
 )
+from npu_fp.io import rundir
 from npu_fp.io.safetensors_header import CheckpointError
 from npu_fp.signature import load_signature
 
@@ -137,7 +138,22 @@ def compare_models(
     names: list[str] | None = None,
     only: set[frozenset[str]] | None = None,
 ) -> Path | None:
-    """Collective: compare every pair; rank 0 writes the report and returns its path."""
+    """Collective: compare every pair; rank 0 writes the report and returns its path.
+
+    Rank 0 holds OUT for the whole run and commits the report's files as one set (io/rundir.py)."""
+    with rundir.claimed(out_dir, ctx.is_main, lambda e: main_raises_everywhere(ctx, e)):
+        return _compare_models(ctx, cfg, models, signatures, out_dir, names, only)
+
+
+def _compare_models(
+    ctx: DistContext,
+    cfg: RunConfig,
+    models: list[str],
+    signatures: list[str],
+    out_dir: Path,
+    names: list[str] | None,
+    only: set[frozenset[str]] | None,
+) -> Path | None:
     t_start = time.perf_counter()
     cc = cfg.compare
     device = ctx.device.torch
@@ -228,7 +244,9 @@ def compare_models(
     doc = assemble(cfg, entries, pairs, preps, matching, layer_results, _blocked, timing, bank)
     from npu_fp.report.compare_report import write_report
 
-    return write_report(doc, out_dir)
+    with rundir.staged_outputs(out_dir) as stage:
+        write_report(doc, stage)
+    return out_dir / "report.json"
 
 
 def _layer_matching(

@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from npu_fp.io.validate import InputError
@@ -70,6 +70,24 @@ def lock(out_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
+@contextlib.contextmanager
+def claimed(
+    out_dir: Path, is_main: bool, agree: Callable[[BaseException | None], None]
+) -> Iterator[None]:
+    """The main rank holds the lock on OUT and has moved an earlier set aside (`begin`) for the
+    duration; `agree` (a collective) lets every rank fail alike when it could not."""
+    with contextlib.ExitStack() as held:
+        error: BaseException | None = None
+        if is_main:
+            try:
+                held.enter_context(lock(out_dir))
+                begin(out_dir)
+            except (InputError, OSError) as e:
+                error = e
+        agree(error)
+        yield
+
+
 def read_manifest(out_dir: Path) -> dict | None:
     """The manifest of the complete set in OUT, or None (no set, or not one this code wrote)."""
     try:
@@ -108,11 +126,7 @@ def move_aside(out_dir: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # outputs: a few MB at most
 
 
 @contextlib.contextmanager
