@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,6 +82,9 @@ def test_stale_signature_is_never_reused(tmp_path: Path) -> None:
     assert p["verdict"] != "related", p
     [entry] = [m for m in doc["models"] if m["name"] == "a"]
     assert "fingerprinted again" in entry["weights"]
+    assert rundir.verify(tmp_path / "cmp") is None  # the report's files: one committed set
+    manifest = json.loads((tmp_path / "cmp" / "manifest.json").read_text())
+    assert {"report.json", "report.md", "verdicts.png"} <= set(manifest["files"])
 
     with pytest.raises(StaleSignatureError, match=r"a/model.safetensors: sampled bytes changed"):
         run_compare([], tmp_path / "cmp2", signatures=[sig_a, sig_b], refingerprint_stale=False)
@@ -292,17 +295,17 @@ def test_stopped_rank_is_named_within_the_timeout(dense: Path, tmp_path: Path) -
     proc = subprocess.Popen(
         cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path
     )
-    seen, deadline = [], time.monotonic() + 180
+    guard = threading.Timer(180, os.killpg, (proc.pid, signal.SIGKILL))  # only a hang gets here
+    guard.start()
+    seen = []
     try:
         assert proc.stderr is not None
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
+        for line in proc.stderr:
             seen.append(line)
             if "npu-fp: error:" in line:
                 break
     finally:
+        guard.cancel()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     err = "".join(seen)
