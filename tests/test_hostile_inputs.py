@@ -684,6 +684,28 @@ def test_cli_compare_stale_signature_is_refused(tmp_path: Path) -> None:
     assert not (out / "report.json").exists()
 
 
+@pytest.mark.slow
+def test_cli_file_size_limit_leaves_nothing_half_written(tmp_path: Path) -> None:
+    """A real short write: RLIMIT_FSIZE makes the kernel refuse bytes past 5 kB (EFBIG: the profile plot is ~10 kB), as a
+    full disk would, while the outputs are written."""
+    d = model(tmp_path)
+    out = tmp_path / "out"
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # EFBIG from write(), not a kill
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (5000, 5000))\n"
+        "from npu_fp.__main__ import cli\n"
+        f"sys.argv = ['npu-fp', 'fingerprint', 'model.path={d}', 'hydra.run.dir={out}', "
+        "'device=cpu']\n"
+        "cli()\n"
+    )
+    r = run_cli(["-c", code], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "File too large" in r.stderr and "Traceback" not in r.stderr
+    left = {p.name for p in out.iterdir() if p.is_file()}
+    assert left <= {".lock"} and not list(out.glob(".staging-*")), left
+
+
 # --- launch safety -----------------------------------------------------------------------------
 
 EVIL = "import os\nopen(os.environ['EVIL_MARK'], 'a').write(__name__ + '\\n')\n"
