@@ -30,7 +30,7 @@ from npu_fp.io.atomic import write_text_atomic
 from npu_fp.io.reader import FileCache, RowReader, scale_for
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.source import ModelSource, open_model
-from npu_fp.io.stamp import FileStamp, folder_stamps
+from npu_fp.io.stamp import FileStamp, folder_stamps, stamped_files
 from npu_fp.io.validate import InputError
 from npu_fp.plan import Plan, format_plan, make_plan
 from npu_fp.progress import Progress
@@ -170,10 +170,7 @@ def partials_inputs(
     return {
         "npu_fp": npu_fp.__version__,
         "fields": list(FIELDS),
-        "files": [
-            {"name": f.name, "header_sha256": f.header_sha256, **stamps[f.name].as_dict()}
-            for f in source.files
-        ],
+        "files": stamped_files(source.files, stamps),
         "config_sha256": source.config_sha256,
         "lm_prefix": cfg.model.lm_prefix,
         "segment_bytes": cfg.plan.segment_bytes,
@@ -252,10 +249,7 @@ def signature_doc(
         "num_tensors": len(source.tensors),
         "total_bytes": source.total_bytes,
         # size, mtime and sampled bytes bind the signature to the bytes it describes (io/stamp.py)
-        "files": [
-            {"name": f.name, "header_sha256": f.header_sha256, **stamps[f.name].as_dict()}
-            for f in source.files
-        ],
+        "files": stamped_files(source.files, stamps),
         "content_hash": content.hexdigest(),
     }
     return {

@@ -528,24 +528,17 @@ def _bool_shape(t: Path) -> Path:
     return d
 
 
+def fingerprint_cli(d: Path, out: Path) -> subprocess.CompletedProcess:
+    args = [f"model.path={d}", f"hydra.run.dir={out}", "device=cpu", "progress=false"]
+    return run_cli(["-m", "npu_fp", "fingerprint", *args], cwd=out.parent, timeout=120)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_case_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
     d = CLI_CASES[case](tmp_path)
     out = tmp_path / "out"
-    r = run_cli(
-        [
-            "-m",
-            "npu_fp",
-            "fingerprint",
-            f"model.path={d}",
-            f"hydra.run.dir={out}",
-            "device=cpu",
-            "progress=false",
-        ],
-        cwd=tmp_path,
-        timeout=120,
-    )
+    r = fingerprint_cli(d, out)
     if case == "zero-byte giant":  # legal per the reference: finishes, bounded, exit 0
         assert r.returncode == 0, r.stderr[-2000:]
         return
@@ -604,23 +597,29 @@ def test_cli_run_dir_is_a_file(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr and out.read_text() == "not a directory"
 
 
+def fingerprint_after(prelude: str, d: Path, out: Path) -> subprocess.CompletedProcess:
+    """The fingerprint CLI in a fresh interpreter that first runs `prelude` (the fault)."""
+    code = (
+        f"{prelude}import sys\nfrom npu_fp.__main__ import cli\n"
+        f"sys.argv = ['npu-fp', 'fingerprint', 'model.path={d}', 'hydra.run.dir={out}', "
+        "'device=cpu']\ncli()\n"
+    )
+    return run_cli(["-c", code], cwd=out.parent, timeout=120)
+
+
 @pytest.mark.slow
 def test_cli_full_disk_is_named(tmp_path: Path) -> None:
     """ENOSPC while writing outputs (simulated at the rename every output goes through)."""
     d = model(tmp_path)
     out = tmp_path / "out"
-    code = (
-        "import errno, os, sys\n"
+    prelude = (
+        "import errno, os\n"
         "def full(*a, **k):\n"
         "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), a[1])\n"
         "import npu_fp.io.atomic as atomic\n"
         "atomic.os.replace = full\n"
-        "from npu_fp.__main__ import cli\n"
-        f"sys.argv = ['npu-fp', 'fingerprint', 'model.path={d}', 'hydra.run.dir={out}', "
-        "'device=cpu']\n"
-        "cli()\n"
     )
-    r = run_cli(["-c", code], cwd=tmp_path, timeout=120)
+    r = fingerprint_after(prelude, d, out)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "signature.json").exists()
@@ -632,18 +631,7 @@ def test_cli_locked_run_dir_is_named(tmp_path: Path) -> None:
     d = model(tmp_path)
     out = tmp_path / "out"
     with rundir.lock(out):
-        r = run_cli(
-            [
-                "-m",
-                "npu_fp",
-                "fingerprint",
-                f"model.path={d}",
-                f"hydra.run.dir={out}",
-                "device=cpu",
-            ],
-            cwd=tmp_path,
-            timeout=120,
-        )
+        r = fingerprint_cli(d, out)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "another npu-fp run" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "signature.json").exists() and not (out / "manifest.json").exists()
@@ -654,10 +642,7 @@ def test_cli_compare_stale_signature_is_refused(tmp_path: Path) -> None:
     """Weights swapped under a signature (same header, mtime set back), re-fingerprinting off."""
     tensors = {"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4)}
     a, b = model(tmp_path, tensors, name="a"), model(tmp_path, tensors, name="b")
-    fp = run_cli(
-        ["-m", "npu_fp", "fingerprint", f"model.path={a}", f"hydra.run.dir={tmp_path / 'fa'}"],
-        cwd=tmp_path,
-    )
+    fp = fingerprint_cli(a, tmp_path / "fa")
     assert fp.returncode == 0, fp.stderr[-2000:]
     st = (a / "model.safetensors").stat()
     save_file(
@@ -690,16 +675,12 @@ def test_cli_file_size_limit_leaves_nothing_half_written(tmp_path: Path) -> None
     full disk would, while the outputs are written."""
     d = model(tmp_path)
     out = tmp_path / "out"
-    code = (
-        "import resource, signal, sys\n"
+    prelude = (
+        "import resource, signal\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # EFBIG from write(), not a kill
         "resource.setrlimit(resource.RLIMIT_FSIZE, (5000, 5000))\n"
-        "from npu_fp.__main__ import cli\n"
-        f"sys.argv = ['npu-fp', 'fingerprint', 'model.path={d}', 'hydra.run.dir={out}', "
-        "'device=cpu']\n"
-        "cli()\n"
     )
-    r = run_cli(["-c", code], cwd=tmp_path, timeout=120)
+    r = fingerprint_after(prelude, d, out)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "File too large" in r.stderr and "Traceback" not in r.stderr
     left = {p.name for p in out.iterdir() if p.is_file()}

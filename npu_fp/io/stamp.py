@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from npu_fp.io.source import FileInfo
 from npu_fp.io.validate import InputError, open_regular, os_error, pread_exact
 
 WINDOW_BYTES = 64 << 10
@@ -63,6 +65,14 @@ def file_stamp(path: str | os.PathLike[str]) -> FileStamp:
 def folder_stamps(root: str | os.PathLike[str], names: list[str]) -> dict[str, FileStamp]:
     """Stamps of the weight files `names` (relative to the model folder `root`)."""
     return {n: file_stamp(Path(root) / n) for n in names}
+
+
+def stamped_files(files: Iterable[FileInfo], stamps: dict[str, FileStamp]) -> list[dict]:
+    """`identity.files` of a signature: each file's header digest and content stamp."""
+    return [
+        {"name": f.name, "header_sha256": f.header_sha256, **stamps[f.name].as_dict()}
+        for f in files
+    ]
 
 
 def stamp_mismatch(recorded: list[dict], root: str | os.PathLike[str]) -> str | None:
