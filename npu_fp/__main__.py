@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from npu_fp.config import COMMANDS, RunConfig, register_configs, to_run_config  # noqa: E402
+from npu_fp.io.rundir import held_by, locked_message  # noqa: E402
 
 log = logging.getLogger("npu_fp")
 
@@ -112,6 +113,11 @@ def check_run_dir(argv: list[str]) -> str | None:
                         return f"{a.split('=', 1)[0]}={p}: {q} exists and is not a directory"
                     if not os.access(q, os.W_OK | os.X_OK):
                         return f"{a.split('=', 1)[0]}={p}: {q} is not writable"
+                    # before Hydra writes .hydra/ into it; the job's own lock (io/rundir.py)
+                    # closes the race. Rank 0 only: the other ranks run beside their rank 0.
+                    pid = held_by(p) if os.environ.get("RANK", "0") == "0" else None
+                    if pid is not None:
+                        return locked_message(p, pid)
                     break
     return None
 

@@ -635,6 +635,7 @@ def test_cli_locked_run_dir_is_named(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr[-2000:]
     assert "another npu-fp run" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "signature.json").exists() and not (out / "manifest.json").exists()
+    assert not (out / ".hydra").exists()  # refused before Hydra wrote into it
 
 
 @pytest.mark.slow

@@ -58,11 +58,7 @@ def lock(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise RunDirLockedError(
-                f"{out_dir}: another npu-fp run (pid {holder}) is writing this run directory; "
-                "wait for it to finish or choose another hydra.run.dir"
-            ) from None
+            raise RunDirLockedError(locked_message(out_dir, _holder(fd))) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -86,6 +82,32 @@ def claimed(
                 error = e
         agree(error)
         yield
+
+
+def held_by(out_dir: Path) -> str | None:
+    """The pid recorded by a run that holds OUT's lock right now, or None (probe only)."""
+    try:
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+
+
+def locked_message(out_dir: Path, pid: str) -> str:
+    return (
+        f"{out_dir}: another npu-fp run (pid {pid}) is writing this run directory; "
+        "wait for it to finish or choose another hydra.run.dir"
+    )
 
 
 def read_manifest(out_dir: Path) -> dict | None:
