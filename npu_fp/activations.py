@@ -24,6 +24,7 @@ from npu_fp.forward.errors import ActivationInputError, SequenceLengthError
 from npu_fp.forward.layers import StreamModel
 from npu_fp.forward.parallel import pipeline_stages, reduce_tables, run_data, run_pipeline
 from npu_fp.forward.stream import STREAMS, LayerStreamer, NormTables
+from npu_fp.io import rundir
 from npu_fp.io.source import ModelSource
 from npu_fp.signature import rows_csv
 
@@ -250,8 +251,11 @@ def activations(cfg: RunConfig) -> Path:
     with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
         setup_rank_logging(out, ctx.rank)
         source = open_model(cfg.model.path)
-        result = run_activations(ctx, cfg.activations, source.root, source)
-        if result is not None:
-            paths = write_activation_outputs(result, out)
-            log.info("activations: %s", ", ".join(str(p) for p in paths))
+        # rank 0 holds OUT and commits the outputs as one set (io/rundir.py)
+        with rundir.claimed(out, ctx.is_main, lambda e: main_raises_everywhere(ctx, e)):
+            result = run_activations(ctx, cfg.activations, source.root, source)
+            if result is not None:
+                with rundir.staged_outputs(out) as stage:
+                    paths = write_activation_outputs(result, stage)
+                log.info("activations: %s", ", ".join(str(out / p.name) for p in paths))
     return out
