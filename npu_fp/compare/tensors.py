@@ -185,9 +185,22 @@ def read_vocab(root: str | Path) -> tuple[dict[str, int] | None, str]:
     return None, f"{root}: no tokenizer.json or vocab.json"
 
 
+def stored_vocab(source: ModelSource) -> tuple[dict[str, int] | None, str]:
+    """The vocabulary a weights file carries (GGUF `tokenizer.ggml.tokens`, id = position; a
+    repeated token keeps its first id), checked like a tokenizer.json."""
+    assert source.tokens is not None
+    ids: dict[str, int] = {}
+    for i, token in enumerate(source.tokens):
+        ids.setdefault(token, i)
+    return parse_vocab({"model": {"vocab": ids}}, f"{source.root}: tokenizer.ggml.tokens")
+
+
 def open_view(path: str, lm_prefix: str | None = None) -> ModelView:
     source = open_model(path)
     shapes = {n: r.shape for n, r in source.tensors.items()}
     rolemap = map_roles(source.config, shapes, lm_prefix)
-    vocab, note = read_vocab(source.root)
+    if source.tokens is not None:
+        vocab, note = stored_vocab(source)
+    else:
+        vocab, note = read_vocab(source.root)
     return ModelView(source, rolemap, build_index(rolemap), vocab, note)

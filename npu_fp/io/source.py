@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from npu_fp.io.expert_stacks import split_stacks
+from npu_fp.io.gguf_file import is_gguf, read_gguf
 from npu_fp.io.mindspore_ckpt import read_ckpt_header
 from npu_fp.io.safetensors_header import (
     MAX_TENSORS,
@@ -102,12 +104,18 @@ class FileInfo:
 
 @dataclass(frozen=True, slots=True)
 class ModelSource:
-    root: str  # the resolved snapshot / model folder
+    root: str  # the resolved snapshot / model folder, or the .gguf file
     config: dict
     config_sha256: str
-    tensors: dict[str, TensorRef]  # sorted by name
+    tensors: dict[str, TensorRef]  # sorted by name; fused expert stacks one tensor per expert
     files: tuple[FileInfo, ...]
     metadata: dict[str, str]  # __metadata__ of the first file
+    tokens: tuple[str, ...] | None = None  # vocabulary stored in the weights file (GGUF)
+
+    def file_path(self, name: str) -> Path:
+        """Where one of `files` lies."""
+        root = Path(self.root)
+        return root if is_gguf(root) else root / name
 
     @property
     def total_bytes(self) -> int:
@@ -127,7 +135,9 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     if not p.is_dir():
         if p.suffix == ".safetensors" and is_regular(p):
             return p.parent.resolve()
-        raise CheckpointError(f"{p}: expected a model folder or a .safetensors file")
+        raise CheckpointError(
+            f"{p}: expected a model folder or a .safetensors file (or a .gguf file)"
+        )
     snapshots = p / "snapshots"
     if snapshots.is_dir() and not any(p.glob("*.safetensors")):
         ref_main = p / "refs" / "main"
@@ -170,6 +180,9 @@ def member(root: Path, name: str, where: str) -> Path:
 
 
 def open_model(path: str | os.PathLike[str]) -> ModelSource:
+    gguf_path = Path(path).expanduser()
+    if is_gguf(gguf_path) and exists(gguf_path) and not gguf_path.is_dir():
+        return _open_gguf(gguf_path)
     root = resolve_model_dir(path)
     config, config_sha = _read_config(root)
     fmt = weight_format(root)
@@ -196,6 +209,7 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
     index = root / fmt.index if fmt.index else None
     if index is not None and exists(index):
         _check_index_agrees(root, index, tensors)
+    tensors = split_stacks(tensors)
     if not tensors:
         raise CheckpointError(f"{root}: the checkpoint holds no tensors")
     try:
@@ -214,6 +228,27 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
         tensors=dict(sorted(tensors.items())),
         files=files,
         metadata=first.metadata,
+    )
+
+
+def _open_gguf(path: Path) -> ModelSource:
+    """One .gguf file: config and vocabulary from its metadata (gguf_file.py)."""
+    g = read_gguf(path)
+    tensors = split_stacks(g.tensors)
+    if not tensors:
+        raise CheckpointError(f"{g.path}: the GGUF file holds no tensors")
+    try:
+        check_config(g.config, f"{g.path} (metadata)", (r.shape for r in tensors.values()))
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+    return ModelSource(
+        root=g.path,
+        config=g.config,
+        config_sha256=g.config_sha256,
+        tensors=tensors,
+        files=(FileInfo(path.name, g.size, g.header_sha256),),
+        metadata=g.metadata,
+        tokens=g.tokens,
     )
 
 
