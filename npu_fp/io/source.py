@@ -255,8 +255,10 @@ def _open_gguf(path: Path) -> ModelSource:
 def _read_config(root: Path) -> tuple[dict, str]:
     cfg_path = root / "config.json"
     if not exists(cfg_path):
+        ggufs = sorted(p.name for p in root.glob("*.gguf"))
+        hint = f"; or pass one of the GGUF files {ggufs[:5]} as model.path" if ggufs else ""
         raise CheckpointError(
-            f"{cfg_path}: missing; config.json tells the architecture and is required"
+            f"{cfg_path}: missing; config.json tells the architecture and is required{hint}"
         )
     try:
         raw = read_regular(member(root, "config.json", str(root)), CONFIG_MAX_BYTES, "config.json")

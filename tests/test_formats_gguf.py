@@ -1,0 +1,510 @@
+"""GGUF read directly, and fused 3-D expert tensors in safetensors.
+
+GGUF fixtures are written with the `gguf` library's own writer and quantizers (llama.cpp's
+converter conventions: q/k rows permuted for llama, Gemma norm gains stored as 1 + w), from the
+same weights as a safetensors copy, so every statistic and every read is checked against the
+HF-layout original.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from compare_fixtures import SHAPE, pair, run_compare
+from conftest import REPO, run_cli
+
+from npu_fp import derive, realweights, zoo
+from npu_fp.compare.tensors import open_view
+from npu_fp.config import RunConfig
+from npu_fp.dist import distributed
+from npu_fp.fingerprint import fingerprint_model
+from npu_fp.io.safetensors_header import CheckpointError
+from npu_fp.io.source import open_model
+from npu_fp.report import profile_plot
+
+Q = gguf.GGMLQuantizationType
+HF_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+GEMMA_NORMS = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+HF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def rope_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to q/k rows (LlamaModel.permute)."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf: str, arch: str) -> str:
+    module, _, param = hf.rpartition(".")
+    if module in HF_GLOBAL:
+        return f"{HF_GLOBAL[module]}.{param}"
+    parts = module.split(".")
+    layer, local = parts[2], ".".join(parts[3:])
+    table = {**HF_TO_GGUF, **(GEMMA_NORMS if arch.startswith("gemma") else {})}
+    return f"blk.{layer}.{table[local]}.{param}"
+
+
+def write_gguf(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    arch: str,
+    qtype: Q | None = None,
+    tokens: list[str] | None = None,
+) -> Path:
+    """HF-layout weights as a GGUF file the way llama.cpp converts them; 2-D weights in
+    `qtype` (everything else F32)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_context_length(4096)
+    if "head_dim" in config:
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+    if config.get("num_experts"):
+        w.add_expert_count(config["num_experts"])
+        w.add_expert_used_count(2)
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if tokens is not None:
+        w.add_token_list(tokens)
+    stacks: dict[str, list[np.ndarray]] = {}
+    for name, t in sorted(tensors.items()):
+        a = t.float().numpy()
+        if ".experts." in name:  # blk stack: ffn_{gate,up,down}_exps [E, out, in]
+            parts = name.split(".")
+            leaf = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+            key = f"blk.{parts[2]}.{leaf[parts[6]]}_exps.weight"
+            stacks.setdefault(key, []).append(a)
+            continue
+        g = gguf_name(name, arch)
+        if arch == "llama" and g.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads" if "attn_q" in g else "num_key_value_heads"]
+            a = rope_permute(a, heads)
+        if arch.startswith("gemma") and g.endswith("norm.weight"):
+            a = a + 1.0
+        if qtype is not None and a.ndim == 2:
+            w.add_tensor(g, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(g, np.ascontiguousarray(a))
+    for key, experts in stacks.items():
+        w.add_tensor(key, np.stack(experts))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tokens_of(tokenizer: str) -> list[str]:
+    vocab = json.loads(tokenizer)["model"]["vocab"]
+    return [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+
+
+def llama_base(root: Path, seed: int = 0) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """The comparison zoo's base as a Llama (no biases), fp32 safetensors."""
+    t = {k: v for k, v in zoo.dense_tensors(SHAPE, seed).items() if not k.endswith(".bias")}
+    config = {**zoo.qwen2_config(SHAPE), "architectures": ["LlamaForCausalLM"]}
+    config["model_type"] = "llama"
+    tok = zoo.tokenizer_json(SHAPE["vocab_size"])
+    return zoo.write_checkpoint(root / "hf", t, config, torch.float32, tok), t, config
+
+
+def fingerprint_rows(models: dict[str, Path], out: Path) -> dict[str, dict[tuple, dict]]:
+    cfg = RunConfig(command="fingerprint", out_dir=str(out), progress=False, device="cpu")
+    rows = {}
+    with pytest.MonkeyPatch.context() as mp, distributed("cpu") as ctx:
+        mp.setattr(profile_plot, "plot_profiles", lambda sigs, path, stat="std": path)
+        for name, path in models.items():
+            sig = fingerprint_model(ctx, cfg, str(path), out / name, name)
+            assert sig is not None
+            rows[name] = {(r["layer"], r["role"], r["expert"], r["part"]): r for r in sig.tensors}
+    return rows
+
+
+STATS = ("mean", "std", "rms", "absmax", "min", "max", "l2", "skew", "kurtosis")
+
+
+def assert_rows_agree(a: dict, b: dict, rel: float, stats: tuple[str, ...] = STATS) -> None:
+    assert a.keys() == b.keys()
+    for key, ra in a.items():
+        rb = b[key]
+        assert ra["numel"] == rb["numel"], key
+        scale = rb["std"] or 1.0
+        for s in stats:
+            tol = rel * (scale if s in ("mean", "min", "max") else abs(rb[s]) + 1e-12)
+            assert abs(ra[s] - rb[s]) <= tol, (key, s, ra[s], rb[s])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("gguf_llama")
+    hf, tensors, config = llama_base(root)
+    tokens = tokens_of(zoo.tokenizer_json(SHAPE["vocab_size"]))
+    return {
+        "hf": hf,
+        "tensors": tensors,
+        "f32": write_gguf(root / "f32.gguf", tensors, config, "llama", tokens=tokens),
+        "q8": write_gguf(root / "q8.gguf", tensors, config, "llama", Q.Q8_0, tokens),
+        "q4": write_gguf(root / "q4.gguf", tensors, config, "llama", Q.Q4_1, tokens),
+        "root": root,
+    }
+
+
+def test_f32_gguf_gives_the_statistics_of_the_safetensors_copy(llama: dict) -> None:
+    rows = fingerprint_rows({"hf": llama["hf"], "f32": llama["f32"]}, llama["root"] / "fp32")
+    assert_rows_agree(rows["f32"], rows["hf"], 1e-12)
+    assert {r["dtype"] for r in rows["f32"].values()} == {"F32"}
+
+
+def test_quantised_gguf_statistics_within_quantisation_error_with_storage_type(llama: dict) -> None:
+    rows = fingerprint_rows(
+        {"hf": llama["hf"], "q8": llama["q8"], "q4": llama["q4"]}, llama["root"] / "fpq"
+    )
+    for name, qtype, rel in (("q8", "Q8_0", 2e-2), ("q4", "Q4_1", 1e-1)):
+        r = rows[name]
+        assert r[(0, "attn.q", None, "")]["dtype"] == qtype
+        assert r[(0, "norm.input", None, "")]["dtype"] == "F32"  # norms stay F32: exact
+        norms = {k: v for k, v in r.items() if "norm" in k[1]}
+        assert_rows_agree(norms, {k: rows["hf"][k] for k in norms}, 1e-12)
+        assert_rows_agree(r, rows["hf"], rel, ("mean", "std", "rms", "l2"))
+    # Q4_1 is coarser than Q8_0: its std error is larger (statistics are of dequantised values)
+    err = {
+        n: abs(
+            rows[n][(1, "mlp.up", None, "")]["std"] / rows["hf"][(1, "mlp.up", None, "")]["std"] - 1
+        )
+        for n in ("q8", "q4")
+    }
+    assert 0 < err["q8"] < err["q4"]
+
+
+def test_reads_undo_the_rope_row_permutation(llama: dict) -> None:
+    hf, g = open_view(str(llama["hf"])), open_view(str(llama["f32"]))
+    stored = gguf.GGUFReader(str(llama["f32"]))
+    raw = {t.name: np.array(t.data) for t in stored.tensors}
+    for layer in range(SHAPE["num_hidden_layers"]):
+        for role, name in (("attn.q", "attn_q"), ("attn.k", "attn_k"), ("mlp.up", "ffn_up")):
+            a, b = g.read(layer, role), hf.read(layer, role)
+            assert torch.equal(a, b), (layer, role)
+            permuted = not np.array_equal(raw[f"blk.{layer}.{name}.weight"], b.numpy())
+            assert permuted == (role != "mlp.up")  # the file really holds the permuted rows
+    q = open_view(str(llama["q4"]))
+    a, b = q.read(0, "attn.q"), hf.read(0, "attn.q")
+    assert torch.nn.functional.cosine_similarity(a, b, dim=1).min() > 0.98  # row by row
+    # the vocabulary comes from the GGUF metadata
+    assert g.vocab == hf.vocab and g.vocab is not None
+    for v in (hf, g, q):
+        v.close()
+
+
+def test_quantised_read_equals_the_library_dequantisation(llama: dict) -> None:
+    """Rows decoded by byte range, block by block, are gguf's own dequantisation of the tensor."""
+    from npu_fp.io.reader import FileCache, RowReader
+
+    src = open_model(llama["q4"])
+    stored = {t.name: t for t in gguf.GGUFReader(str(llama["q4"])).tensors}
+    ref = src.tensors["blk.0.ffn_down.weight"]
+    whole = gguf.quants.dequantize(stored[ref.name].data, Q.Q4_1)
+    with FileCache() as files:
+        reader = RowReader(files)
+        pieces = [reader.read(ref, r, min(r + 5, ref.rows)).clone() for r in range(0, ref.rows, 5)]
+        reader.release()
+    assert np.array_equal(torch.cat(pieces).numpy(), whole)
+    assert src.files[0].name == "q4.gguf" and src.root == str(llama["q4"])
+
+
+def test_gemma_norm_offset_and_qk_norms(tmp_path: Path) -> None:
+    shape = {**SHAPE, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}
+    g = torch.Generator().manual_seed(3)
+    t = {k: v for k, v in zoo.dense_tensors(shape, 3).items() if not k.endswith(".bias")}
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        t[p + "self_attn.q_proj.weight"] = 0.02 * torch.randn(128, 64, generator=g)
+        t[p + "self_attn.k_proj.weight"] = 0.02 * torch.randn(64, 64, generator=g)
+        t[p + "self_attn.v_proj.weight"] = 0.02 * torch.randn(64, 64, generator=g)
+        t[p + "self_attn.o_proj.weight"] = 0.02 * torch.randn(64, 128, generator=g)
+        for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            t[p + n + ".weight"] = 0.1 * torch.randn(64, generator=g)
+        for n in ("self_attn.q_norm", "self_attn.k_norm"):
+            t[p + n + ".weight"] = 0.1 * torch.randn(64, generator=g)
+    for k in t:  # Gemma gains are stored as w, applied as 1 + w
+        if k.endswith("norm.weight"):
+            t[k] = t[k] - 1.0 if t[k].mean() > 0.5 else t[k]
+    del t["lm_head.weight"]
+    config = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        **shape,
+        "tie_word_embeddings": True,
+    }
+    tok = zoo.tokenizer_json(shape["vocab_size"])
+    hf = zoo.write_checkpoint(tmp_path / "hf", t, config, torch.float32, tok)
+    gg = write_gguf(tmp_path / "g.gguf", t, config, "gemma3", tokens=tokens_of(tok))
+    rows = fingerprint_rows({"hf": hf, "g": gg}, tmp_path / "fp")
+    norms = {k for k in rows["hf"] if "norm" in k[1]}
+    assert_rows_agree(
+        {k: v for k, v in rows["g"].items() if k not in norms},
+        {k: v for k, v in rows["hf"].items() if k not in norms},
+        1e-12,
+    )
+    # float32 (1 + w) - 1 rounds w to the spacing of float32 at 1 (about 1e-7)
+    assert_rows_agree(
+        {k: rows["g"][k] for k in norms}, {k: rows["hf"][k] for k in norms}, 1e-5, STATS[:4]
+    )
+    row = rows["g"][(1, "norm.mlp_out", None, "")]
+    assert row["norm_offset"] == 1.0 and abs(row["mean"]) < 0.2  # stored 1 + w, read as w
+    assert (0, "attn.k_norm", None, "") in rows["g"]
+
+
+def moe_tensors(seed: int = 5, experts: int = 4) -> tuple[dict[str, torch.Tensor], dict]:
+    """A tiny Qwen3-MoE with per-expert tensors (HF names)."""
+    shape = {**SHAPE, "num_hidden_layers": 2}
+    t = {k: v for k, v in zoo.dense_tensors(shape, seed).items() if not k.endswith(".bias")}
+    g = torch.Generator().manual_seed(seed)
+    inter = 64
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}.mlp."
+        for k in ("gate_proj", "up_proj", "down_proj"):
+            del t[p + k + ".weight"]
+        t[p + "gate.weight"] = 0.02 * torch.randn(experts, 64, generator=g)
+        for e in range(experts):
+            q = f"{p}experts.{e}."
+            t[q + "gate_proj.weight"] = 0.02 * torch.randn(inter, 64, generator=g)
+            t[q + "up_proj.weight"] = 0.02 * torch.randn(inter, 64, generator=g)
+            t[q + "down_proj.weight"] = 0.01 * torch.randn(64, inter, generator=g)
+    config = {
+        **zoo.qwen2_config(shape),
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_experts": experts,
+        "moe_intermediate_size": inter,
+        "num_experts_per_tok": 2,
+        "head_dim": 16,
+    }
+    return t, config
+
+
+def fuse_experts(t: dict[str, torch.Tensor], experts: int) -> dict[str, torch.Tensor]:
+    """transformers-5 layout: mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I]."""
+    out = {k: v for k, v in t.items() if ".experts." not in k}
+    layers = sorted({int(k.split(".")[2]) for k in t if ".experts." in k})
+    for layer in layers:
+        p = f"model.layers.{layer}.mlp.experts."
+        out[p + "gate_up_proj"] = torch.stack(
+            [
+                torch.cat([t[f"{p}{e}.gate_proj.weight"], t[f"{p}{e}.up_proj.weight"]])
+                for e in range(experts)
+            ]
+        )
+        out[p + "down_proj"] = torch.stack([t[f"{p}{e}.down_proj.weight"] for e in range(experts)])
+    return out
+
+
+def test_qwen3_moe_gguf_expert_stacks_are_per_expert_rows(tmp_path: Path) -> None:
+    t, config = moe_tensors()
+    tok = zoo.tokenizer_json(SHAPE["vocab_size"])
+    hf = zoo.write_checkpoint(tmp_path / "hf", t, config, torch.float32, tok)
+    gg = write_gguf(tmp_path / "moe.gguf", t, config, "qwen3moe", tokens=tokens_of(tok))
+    rows = fingerprint_rows({"hf": hf, "g": gg}, tmp_path / "fp")
+    assert_rows_agree(rows["g"], rows["hf"], 1e-12)
+    assert (1, "moe.expert.down", 3, "") in rows["g"] and (0, "moe.router", None, "") in rows["g"]
+    assert rows["g"][(1, "moe.expert.down", 3, "")]["name"] == "blk.1.experts.3.ffn_down.weight"
+
+
+def test_fused_expert_stacks_give_the_per_expert_statistics(tmp_path: Path) -> None:
+    t, config = moe_tensors()
+    tok = zoo.tokenizer_json(SHAPE["vocab_size"])
+    unfused = zoo.write_checkpoint(tmp_path / "unfused", t, config, torch.float32, tok)
+    fused = zoo.write_checkpoint(tmp_path / "fused", fuse_experts(t, 4), config, torch.float32, tok)
+    rows = fingerprint_rows({"unfused": unfused, "fused": fused}, tmp_path / "fp")
+    f, u = rows["fused"], rows["unfused"]
+    for layer in range(2):
+        for e in range(4):
+            for part, role in (("gate", "moe.expert.gate"), ("up", "moe.expert.up")):
+                a, b = f[(layer, role, e, part)], u[(layer, role, e, "")]
+                assert all(a[s] == b[s] for s in STATS + ("numel",)), (layer, e, part)
+            a, b = f[(layer, "moe.expert.down", e, "")], u[(layer, "moe.expert.down", e, "")]
+            assert a["hash"] == b["hash"] and a["name"] == b["name"]  # same bytes, same name
+            whole = f[(layer, "moe.expert.gate_up", e, "")]
+            assert whole["numel"] == 2 * b["numel"]
+    view = open_view(str(fused))
+    assert view.experts(1) == [0, 1, 2, 3]
+    assert torch.equal(
+        view.read(1, "moe.expert.up", 2), t["model.layers.1.mlp.experts.2.up_proj.weight"]
+    )
+    view.close()
+
+
+@pytest.mark.slow
+def test_fused_and_unfused_moe_and_gguf_copies_are_related(tmp_path: Path) -> None:
+    t, config = moe_tensors()
+    tok = zoo.tokenizer_json(SHAPE["vocab_size"])
+    unfused = zoo.write_checkpoint(tmp_path / "unfused", t, config, torch.float32, tok)
+    fused = zoo.write_checkpoint(tmp_path / "fused", fuse_experts(t, 4), config, torch.float32, tok)
+    gg = write_gguf(tmp_path / "moe.gguf", t, config, "qwen3moe", Q.Q8_0, tokens_of(tok))
+    report = run_compare([unfused, fused, gg], tmp_path / "cmp")
+    for a, b in (("unfused", "fused"), ("unfused", "moe.gguf"), ("fused", "moe.gguf")):
+        p = pair(report, a, b)
+        assert p["verdict"] == "related", (a, b, p["reason"])
+
+
+@pytest.mark.slow
+def test_gguf_copies_of_the_zoo_base_are_related(llama: dict) -> None:
+    report = run_compare([llama["hf"], llama["q8"], llama["q4"]], llama["root"] / "cmp")
+    for a, b in (("hf", "q8.gguf"), ("hf", "q4.gguf"), ("q8.gguf", "q4.gguf")):
+        p = pair(report, a, b)
+        assert p["verdict"] == "related", (a, b, p["reason"])
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def _type_field_offset(path: Path, index: int = 0) -> int:
+    """Byte offset of tensor `index`'s ggml type in its tensor info."""
+    field = gguf.GGUFReader(str(path)).tensors[index].field
+    name_len = int(field.parts[0][0])
+    n_dims = int(field.parts[2][0])
+    return field.offset + 8 + name_len + 4 + 8 * n_dims
+
+
+def _first_tensor(path: Path) -> str:
+    return gguf.GGUFReader(str(path)).tensors[0].name
+
+
+def bad_copy(src: Path, dst: Path, kind: str) -> tuple[Path, str]:
+    data = bytearray(src.read_bytes())
+    if kind == "truncated_data":
+        data = data[: len(data) - 100]
+        last = gguf.GGUFReader(str(src)).tensors[-1].name
+        return _write(dst, data), f"tensor '{last}'.*truncated"
+    if kind == "truncated_header":
+        return _write(dst, data[:300]), "GGUF header runs past the end of the file"
+    if kind == "bad_magic":
+        data[:4] = b"GGUX"
+        return _write(dst, data), "not a readable GGUF file"
+    if kind == "unknown_type":
+        off = _type_field_offset(src)
+        data[off : off + 4] = struct.pack("<I", 77)
+        return _write(
+            dst, data
+        ), f"tensor '{_first_tensor(src)}': unknown ggml quantization type 77"
+    if kind == "undecodable_type":
+        off = _type_field_offset(src)
+        data[off : off + 4] = struct.pack("<I", int(Q.Q8_K))
+        return _write(dst, data), f"tensor '{_first_tensor(src)}'.*Q8_K"
+    raise AssertionError(kind)
+
+
+def _write(path: Path, data: bytes | bytearray) -> Path:
+    path.write_bytes(bytes(data))
+    return path
+
+
+BAD = ("truncated_data", "truncated_header", "bad_magic", "unknown_type", "undecodable_type")
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_gguf_is_a_named_error(llama: dict, tmp_path: Path, kind: str) -> None:
+    path, message = bad_copy(llama["q8"], tmp_path / f"{kind}.gguf", kind)
+    with pytest.raises(CheckpointError, match=message) as e:
+        open_model(path)
+    assert str(path) in str(e.value)
+
+
+def test_bad_gguf_stops_the_cli_with_exit_2_and_no_output(llama: dict, tmp_path: Path) -> None:
+    path, message = bad_copy(llama["q8"], tmp_path / "bad.gguf", "unknown_type")
+    out = tmp_path / "out"
+    r = run_cli(
+        ["-m", "npu_fp", "fingerprint", f"model.path={path}", f"hydra.run.dir={out}"],
+        cwd=REPO,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "npu-fp: error:" in r.stderr and "unknown ggml quantization type 77" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
+
+
+def test_gguf_of_an_unmapped_architecture_is_refused(tmp_path: Path) -> None:
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="GGUF architecture 'mamba' is not mapped"):
+        open_model(tmp_path / "m.gguf")
+
+
+def test_folder_of_gguf_files_names_them(llama: dict, tmp_path: Path) -> None:
+    os.link(llama["q8"], tmp_path / "q8.gguf")
+    with pytest.raises(CheckpointError, match=r"or pass one of the GGUF files \['q8.gguf'\]"):
+        open_model(tmp_path)
+
+
+# --- the real GGUF models (realweights S and G) ----------------------------------------------
+
+CACHE = Path(
+    os.environ.get("NPU_FP_REAL_CACHE", Path.home() / ".cache" / "npu_fp" / "real-weights")
+)
+
+
+@pytest.fixture(scope="module")
+def real() -> dict[str, Path]:
+    return realweights.prepare(CACHE, ("S", "G"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["S", "G"])
+def test_real_gguf_agrees_with_its_safetensors_copy_and_is_related(
+    real: dict[str, Path], tmp_path: Path, key: str
+) -> None:
+    gguf_file = CACHE / "files" / f"{key}.gguf"
+    rows = fingerprint_rows({"gguf": gguf_file, "st": real[key]}, tmp_path / "fp")
+    g, s = rows["gguf"], rows["st"]
+    exact = {k: v for k, v in g.items() if v["dtype"] == "F32"}
+    assert len(exact) > 30  # the norms: exact, the copy holds them in bf16 without loss
+    assert_rows_agree(exact, {k: s[k] for k in exact}, 1e-12)
+    # the safetensors copy is the dequantised values rounded to bf16: agreement to bf16 error
+    assert_rows_agree(g, s, 1e-3, ("mean", "std", "rms", "l2"))
+    report = run_compare([gguf_file, real[key]], tmp_path / "cmp")
+    p = pair(report, f"{key}.gguf", key)
+    assert p["verdict"] == "related", p["reason"]
+
+
+@pytest.mark.slow
+def test_requantised_q8_0_gguf_of_a_real_model_is_related(
+    real: dict[str, Path], tmp_path: Path
+) -> None:
+    base = realweights.first_layers(real["S"], tmp_path / "S4", 4)
+    tensors, config, tok = derive.load_base(base)
+    q8 = write_gguf(tmp_path / "S4-q8.gguf", tensors, config, "llama", Q.Q8_0, tokens_of(tok))
+    assert open_model(q8).tensors["blk.0.attn_q.weight"].dtype == "Q8_0"
+    report = run_compare([base, q8], tmp_path / "cmp")
+    p = pair(report, "S4", "S4-q8.gguf")
+    assert p["verdict"] == "related", p["reason"]
