@@ -56,10 +56,14 @@ def decode_rows(codec: RowCodec, raw: np.ndarray, rows: int) -> np.ndarray:
         values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(codec.ggml_type))
         values = np.asarray(values, dtype=np.float32)
     if codec.rope_heads:
-        n, cols = values.shape
-        d = rows // codec.rope_heads
-        # stored row (head, i, half) holds HF row (head, half, i)
-        values = values.reshape(n // d, d // 2, 2, cols).swapaxes(1, 2).reshape(n, cols)
+        values = unpermute_rope(values, len(values) // (rows // codec.rope_heads))
     if codec.offset:
         values = values + np.float32(codec.offset)
     return np.ascontiguousarray(values)
+
+
+def unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation of `heads` whole heads: its converter interleaves
+    the RoPE halves, so stored row (head, i, half) holds HF row (head, half, i)."""
+    rows, cols = w.shape
+    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
