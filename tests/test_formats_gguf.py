@@ -508,3 +508,13 @@ def test_requantised_q8_0_gguf_of_a_real_model_is_related(
     report = run_compare([base, q8], tmp_path / "cmp")
     p = pair(report, "S4", "S4-q8.gguf")
     assert p["verdict"] == "related", p["reason"]
+
+
+def test_activations_refuse_a_gguf_model_by_name(llama: dict) -> None:
+    from npu_fp.activations import run_activations
+    from npu_fp.config import ActivationsConfig
+    from npu_fp.forward.errors import UnsupportedArchitectureError
+
+    source = open_model(llama["q8"])
+    with distributed("cpu") as ctx, pytest.raises(UnsupportedArchitectureError, match="GGUF"):
+        run_activations(ctx, ActivationsConfig(), source.root, source)
