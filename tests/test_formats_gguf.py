@@ -518,3 +518,26 @@ def test_activations_refuse_a_gguf_model_by_name(llama: dict) -> None:
     source = open_model(llama["q8"])
     with distributed("cpu") as ctx, pytest.raises(UnsupportedArchitectureError, match="GGUF"):
         run_activations(ctx, ActivationsConfig(), source.root, source)
+
+
+def test_corrupted_gguf_bytes_give_a_named_error_or_a_model(llama: dict, tmp_path: Path) -> None:
+    """Seeded byte flips and cuts anywhere in the header: never another exception, never a hang."""
+    src = llama["q8"].read_bytes()
+    header_end = gguf.GGUFReader(str(llama["q8"])).data_offset
+    rng = np.random.default_rng(0)
+    outcomes = {"error": 0, "read": 0}
+    for i in range(150):
+        data = bytearray(src)
+        if i % 3 == 0:
+            data = data[: int(rng.integers(0, header_end))]
+        else:
+            for pos in rng.integers(0, header_end, size=int(rng.integers(1, 4))):
+                data[pos] = int(rng.integers(0, 256))
+        path = _write(tmp_path / f"c{i}.gguf", data)
+        try:
+            open_model(path)
+            outcomes["read"] += 1
+        except CheckpointError as e:
+            assert str(path) in str(e)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 50  # the corruptions were noticed, not all silently accepted

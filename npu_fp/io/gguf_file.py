@@ -232,7 +232,10 @@ class _Metadata:
         field = self.fields.get(key)
         if field is None:
             return None
-        value = field.contents()
+        try:
+            value = field.contents()
+        except (ValueError, IndexError, TypeError) as e:
+            raise CheckpointError(f"{self.path}: GGUF metadata {key!r} unreadable: {e}") from None
         if isinstance(value, bool) or not isinstance(value, kind):
             raise CheckpointError(
                 f"{self.path}: GGUF metadata {key!r} must be {getattr(kind, '__name__', kind)}, "
