@@ -541,3 +541,47 @@ def test_corrupted_gguf_bytes_give_a_named_error_or_a_model(llama: dict, tmp_pat
             assert str(path) in str(e)
             outcomes["error"] += 1
     assert outcomes["error"] > 50  # the corruptions were noticed, not all silently accepted
+
+
+def _can_dequantize(t: Q) -> bool:
+    try:
+        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[t][1]), np.uint8), t)
+    except NotImplementedError:
+        return False
+    return True
+
+
+DECODABLE = [
+    t
+    for t in Q
+    if t not in (Q.F32, Q.F16) and gguf.GGML_QUANT_SIZES[t][0] <= 256 and _can_dequantize(t)
+]
+
+
+@pytest.mark.parametrize("qtype", DECODABLE, ids=lambda t: t.name)
+def test_every_type_gguf_dequantizes_reads_by_rows_as_gguf_decodes_it(
+    tmp_path: Path, qtype: Q
+) -> None:
+    """Random blocks of each type: rows read 3 at a time equal gguf's dequantisation of the whole
+    tensor (NaN where a random scale is NaN), and the CSV type is the ggml type."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(int(qtype)).integers(0, 256, (10, 256 // block * size), np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    for key, value in (("block_count", 1), ("embedding_length", 256), ("attention.head_count", 1)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from npu_fp.io.reader import FileCache, RowReader
+
+    ref = open_model(tmp_path / "t.gguf").tensors["blk.0.ffn_up.weight"]
+    assert ref.dtype == qtype.name and ref.shape == (10, 256)
+    with FileCache() as files:
+        reader = RowReader(files)
+        rows = torch.cat([reader.read(ref, r, min(r + 3, 10)).clone() for r in range(0, 10, 3)])
+        reader.release()
+    with np.errstate(invalid="ignore", over="ignore"):  # random scales hold NaN and Inf
+        expected = gguf.quants.dequantize(raw, qtype)
+    assert np.array_equal(rows.float().numpy(), expected, equal_nan=True)

@@ -53,7 +53,9 @@ def decode_rows(codec: RowCodec, raw: np.ndarray, rows: int) -> np.ndarray:
     else:
         import gguf  # optional dependency (the gguf extra): only GGUF inputs need it
 
-        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(codec.ggml_type))
+        # NaN / Inf scales are data (counted per tensor by the kernel), not a numpy warning
+        with np.errstate(invalid="ignore", over="ignore"):
+            values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(codec.ggml_type))
         values = np.asarray(values, dtype=np.float32)
     if codec.rope_heads:
         values = unpermute_rope(values, len(values) // (rows // codec.rope_heads))
