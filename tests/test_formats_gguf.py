@@ -585,3 +585,35 @@ def test_every_type_gguf_dequantizes_reads_by_rows_as_gguf_decodes_it(
     with np.errstate(invalid="ignore", over="ignore"):  # random scales hold NaN and Inf
         expected = gguf.quants.dequantize(raw, qtype)
     assert np.array_equal(rows.float().numpy(), expected, equal_nan=True)
+
+
+def test_activations_run_a_fused_expert_checkpoint_like_the_unfused_one(tmp_path: Path) -> None:
+    import shutil
+
+    from forward_helpers import save_hf_model
+    from safetensors.torch import load_file
+
+    from npu_fp.activations import run_activations
+    from npu_fp.config import ActivationsConfig
+
+    unfused = tmp_path / "unfused"
+    save_hf_model("qwen3_moe", unfused)
+    config = json.loads((unfused / "config.json").read_text())
+    tensors = load_file(str(unfused / "model.safetensors"))
+    fused = zoo.write_checkpoint(
+        tmp_path / "fused",
+        fuse_experts(tensors, config["num_local_experts"]),
+        config,
+        torch.float32,
+    )
+    shutil.copy(unfused / "tokenizer.json", fused / "tokenizer.json")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(str(fused / "model.safetensors"))
+    cfg = ActivationsConfig(batch_size=2, seq_len=16, num_batches=2, seed=3)
+    rows = {}
+    with distributed("cpu") as ctx:
+        for name, folder in (("unfused", unfused), ("fused", fused)):
+            source = open_model(folder)
+            result = run_activations(ctx, cfg, source.root, source)
+            assert result is not None
+            rows[name] = (result.rows, result.routing)
+    assert rows["fused"] == rows["unfused"]
