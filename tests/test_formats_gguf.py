@@ -214,6 +214,15 @@ def test_reads_undo_the_rope_row_permutation(llama: dict) -> None:
             assert torch.equal(a, b), (layer, role)
             permuted = not np.array_equal(raw[f"blk.{layer}.{name}.weight"], b.numpy())
             assert permuted == (role != "mlp.up")  # the file really holds the permuted rows
+    # rows read a few at a time, cutting through the 16-row heads, in HF order all the same
+    from npu_fp.io.reader import FileCache, RowReader
+
+    ref = open_model(llama["f32"]).tensors["blk.1.attn_q.weight"]
+    with FileCache() as files:
+        reader = RowReader(files)
+        pieces = [reader.read(ref, r, min(r + 5, ref.rows)).clone() for r in range(0, ref.rows, 5)]
+        reader.release()
+    assert torch.equal(torch.cat(pieces), hf.read(1, "attn.q"))
     q = open_view(str(llama["q4"]))
     a, b = q.read(0, "attn.q"), hf.read(0, "attn.q")
     assert torch.nn.functional.cosine_similarity(a, b, dim=1).min() > 0.98  # row by row
@@ -617,3 +626,53 @@ def test_activations_run_a_fused_expert_checkpoint_like_the_unfused_one(tmp_path
             assert result is not None
             rows[name] = (result.rows, result.routing)
     assert rows["fused"] == rows["unfused"]
+
+
+@pytest.mark.slow
+def test_gguf_signatures_identical_for_1_and_2_ranks(llama: dict, tmp_path: Path) -> None:
+    """4 KiB segments and read blocks spread a Q4_1 model over ranks: the signatures agree byte
+    for byte, and with the default grid."""
+    small = ["plan.segment_bytes=4096", "stats.read_bytes=4096", "stats.chunk_elems=1000"]
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"r{n}"
+        r = run_cli(
+            [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={n}",
+                "-m",
+                "npu_fp",
+                "fingerprint",
+                f"model.path={llama['q4']}",
+                f"hydra.run.dir={out}",
+                *small,
+            ],
+            cwd=tmp_path,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append((out / "signature.json").read_bytes())
+    assert outs[0] == outs[1]
+    rows = {r["name"]: r for r in json.loads(outs[0])["tensors"]}
+    whole = fingerprint_rows({"q4": llama["q4"]}, tmp_path / "fp")["q4"]
+    assert rows["blk.1.attn_q.weight"]["hash"] == whole[(1, "attn.q", None, "")]["hash"]
+    assert (
+        abs(rows["blk.1.attn_q.weight"]["std"] / whole[(1, "attn.q", None, "")]["std"] - 1) < 1e-12
+    )
+
+
+def test_a_fifo_named_gguf_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.gguf")
+    with pytest.raises(CheckpointError, match="pipe.gguf"):
+        open_model(tmp_path / "pipe.gguf")
+
+
+def test_a_gguf_signature_streams_its_weights_from_the_file(llama: dict, tmp_path: Path) -> None:
+    from npu_fp.compare.inputs import weights_of
+    from npu_fp.signature import load_signature
+
+    fingerprint_rows({"q8": llama["q8"]}, tmp_path)
+    sig = load_signature(tmp_path / "q8" / "signature.json")
+    assert sig.identity["path"] == str(llama["q8"])
+    assert weights_of(sig) == (str(llama["q8"]), f"weights streamed from {llama['q8']}")
