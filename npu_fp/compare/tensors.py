@@ -15,7 +15,7 @@ import torch
 
 from npu_fp.arch import map_roles
 from npu_fp.arch.base import PartSpec, RoleMap
-from npu_fp.io.reader import FileCache, RowReader, row_blocks, scale_for
+from npu_fp.io.reader import FileCache, RowReader, block_row_bytes, row_blocks, scale_for
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.source import ModelSource, member, open_model
 from npu_fp.io.validate import (
@@ -135,7 +135,7 @@ class ModelView:
         want = torch.tensor(ids, dtype=torch.long)
         order = torch.argsort(want)
         out = torch.empty(len(ids), ref.shape[1], dtype=torch.float32)
-        block = max(1, READ_BUFFER // max(ref.nbytes // max(ref.rows, 1), 1))
+        block = max(1, READ_BUFFER // max(block_row_bytes(ref), 1))
         sorted_ids = want[order]
         start = 0
         for r0, r1 in row_blocks(ref, 0, ref.rows, block):

@@ -52,6 +52,13 @@ def scale_for(tensors: Mapping[str, TensorRef], ref: TensorRef) -> TensorRef | N
     return tensors.get(ref.name + SCALE_SUFFIX) if ref.dtype in FP8_DTYPES else None
 
 
+def block_row_bytes(ref: TensorRef) -> int:
+    """Host bytes one row of `ref` takes once read, to size read blocks: its stored bytes, or
+    its float32 values when rows are decoded (a 4-bit GGUF row is 8x larger decoded)."""
+    stored = ref.nbytes // ref.rows if ref.rows else 0
+    return max(stored, 4 * ref.cols) if ref.codec is not None else stored
+
+
 def storage_dtype(ref: TensorRef) -> torch.dtype:
     if ref.dtype in TORCH_DTYPES:
         return TORCH_DTYPES[ref.dtype]
