@@ -676,3 +676,22 @@ def test_a_gguf_signature_streams_its_weights_from_the_file(llama: dict, tmp_pat
     sig = load_signature(tmp_path / "q8" / "signature.json")
     assert sig.identity["path"] == str(llama["q8"])
     assert weights_of(sig) == (str(llama["q8"]), f"weights streamed from {llama['q8']}")
+
+
+def test_mixtral_gguf_is_llama_with_experts(tmp_path: Path) -> None:
+    """llama.cpp writes Mixtral as architecture llama with expert stacks (and permuted q/k)."""
+    t, config = moe_tensors(seed=6)
+    tok = zoo.tokenizer_json(SHAPE["vocab_size"])
+    hf = zoo.write_checkpoint(tmp_path / "hf", t, config, torch.float32, tok)
+    gg = write_gguf(tmp_path / "mixtral.gguf", t, config, "llama", tokens=tokens_of(tok))
+    source = open_model(gg)
+    assert source.config["architectures"] == ["MixtralForCausalLM"]
+    assert source.config["num_local_experts"] == 4
+    rows = fingerprint_rows({"hf": hf, "g": gg}, tmp_path / "fp")
+    assert_rows_agree(rows["g"], rows["hf"], 1e-12)
+    view, ref = open_view(str(gg)), open_view(str(hf))
+    assert view.rolemap.arch == "gguf_llama" and view.num_experts == 4
+    assert torch.equal(view.read(1, "attn.k"), ref.read(1, "attn.k"))
+    assert torch.equal(view.read(0, "moe.expert.gate", 2), ref.read(0, "moe.expert.gate", 2))
+    view.close()
+    ref.close()
