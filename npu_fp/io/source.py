@@ -115,7 +115,7 @@ class ModelSource:
     def file_path(self, name: str) -> Path:
         """Where one of `files` lies."""
         root = Path(self.root)
-        return root if is_gguf(root) else root / name
+        return root if root.is_file() else root / name  # a .gguf file is its own only file
 
     @property
     def total_bytes(self) -> int:
