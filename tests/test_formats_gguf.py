@@ -695,3 +695,35 @@ def test_mixtral_gguf_is_llama_with_experts(tmp_path: Path) -> None:
     assert torch.equal(view.read(0, "moe.expert.gate", 2), ref.read(0, "moe.expert.gate", 2))
     view.close()
     ref.close()
+
+
+def test_plain_ggml_types_read_like_safetensors_dtypes(tmp_path: Path) -> None:
+    """F64 and integer GGUF tensors take the plain path (no codec), widened like safetensors."""
+    from npu_fp.io.reader import FileCache, RowReader
+
+    rng = np.random.default_rng(1)
+    arrays = {
+        "blk.0.ffn_up.weight": rng.normal(size=(6, 32)),
+        "blk.0.ffn_gate.weight": rng.integers(-9, 9, (6, 32)).astype(np.int32),
+        "blk.0.ffn_down.weight": rng.integers(-9, 9, (32, 6)).astype(np.int8),
+    }
+    w = gguf.GGUFWriter(str(tmp_path / "p.gguf"), "qwen2")
+    for key, value in (("block_count", 1), ("embedding_length", 32), ("attention.head_count", 1)):
+        w.add_uint32(f"qwen2.{key}", value)
+    for name, a in arrays.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    source = open_model(tmp_path / "p.gguf")
+    with FileCache() as files:
+        reader = RowReader(files)
+        for name, a in arrays.items():
+            ref = source.tensors[name]
+            assert ref.codec is None and ref.dtype == {"float64": "F64"}.get(
+                str(a.dtype), f"I{a.dtype.itemsize * 8}"
+            )
+            x = reader.widen(ref, reader.read(ref, 0, ref.rows), 0)
+            assert np.array_equal(x.numpy(), a.astype(np.float64))
+        reader.release()
