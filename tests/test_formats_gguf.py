@@ -370,7 +370,6 @@ def test_fused_expert_stacks_give_the_per_expert_statistics(tmp_path: Path) -> N
     view.close()
 
 
-@pytest.mark.slow
 def test_fused_and_unfused_moe_and_gguf_copies_are_related(tmp_path: Path) -> None:
     t, config = moe_tensors()
     tok = zoo.tokenizer_json(SHAPE["vocab_size"])
@@ -383,7 +382,6 @@ def test_fused_and_unfused_moe_and_gguf_copies_are_related(tmp_path: Path) -> No
         assert p["verdict"] == "related", (a, b, p["reason"])
 
 
-@pytest.mark.slow
 def test_gguf_copies_of_the_zoo_base_are_related(llama: dict) -> None:
     report = run_compare([llama["hf"], llama["q8"], llama["q4"]], llama["root"] / "cmp")
     for a, b in (("hf", "q8.gguf"), ("hf", "q4.gguf"), ("q8.gguf", "q4.gguf")):
