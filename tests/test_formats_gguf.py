@@ -75,10 +75,12 @@ def write_gguf(
     arch: str,
     qtype: Q | None = None,
     tokens: list[str] | None = None,
+    split_max_tensors: int = 0,
 ) -> Path:
     """HF-layout weights as a GGUF file the way llama.cpp converts them; 2-D weights in
-    `qtype` (everything else F32)."""
-    w = gguf.GGUFWriter(str(path), arch)
+    `qtype` (everything else F32). With `split_max_tensors`, gguf-split shards
+    NAME-0000i-of-0000n.gguf next to `path`."""
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(config["num_hidden_layers"])
     w.add_embedding_length(config["hidden_size"])
     w.add_feed_forward_length(config["intermediate_size"])
@@ -725,3 +727,26 @@ def test_plain_ggml_types_read_like_safetensors_dtypes(tmp_path: Path) -> None:
             x = reader.widen(ref, reader.read(ref, 0, ref.rows), 0)
             assert np.array_equal(x.numpy(), a.astype(np.float64))
         reader.release()
+
+
+def test_split_gguf_reads_all_its_shards(llama: dict, tmp_path: Path) -> None:
+    tokens = tokens_of(zoo.tokenizer_json(SHAPE["vocab_size"]))
+    config = json.loads((llama["hf"] / "config.json").read_text())
+    write_gguf(tmp_path / "m.gguf", llama["tensors"], config, "llama", Q.Q8_0, tokens, 20)
+    shards = sorted(tmp_path.glob("m-*-of-*.gguf"))
+    assert len(shards) > 1 and shards[0].name.endswith(f"-00001-of-{len(shards):05d}.gguf")
+    source = open_model(shards[0])
+    assert [f.name for f in source.files] == [p.name for p in shards]
+    assert {Path(r.file).name for r in source.tensors.values()} == {p.name for p in shards}
+    rows = fingerprint_rows({"split": shards[0], "one": llama["q8"]}, tmp_path / "fp")
+    assert rows["split"].keys() == rows["one"].keys()
+    for key, r in rows["split"].items():
+        assert r["hash"] == rows["one"][key]["hash"] and r["std"] == rows["one"][key]["std"], key
+    from npu_fp.compare.inputs import cache_key
+
+    assert cache_key(str(shards[0]))[0] == str(shards[0])  # every shard's mtime in the key
+    with pytest.raises(CheckpointError, match="pass the first of the"):
+        open_model(shards[1])
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"names a split of {len(shards)} GGUF shards"):
+        open_model(shards[0])

@@ -48,6 +48,9 @@ ROPE_PERMUTED = frozenset({"llama"})
 NORM_FOLDED = frozenset({"gemma", "gemma2", "gemma3"})
 _QK = re.compile(r"^blk\.\d+\.attn_(q|k)\.weight$")
 GGML_MAX_DIMS = 4
+# llama.cpp's gguf-split names (llama_split_path): NAME-00001-of-00003.gguf
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+MAX_SHARDS = 10_000
 
 # config.json key <- "{arch}." metadata key (integers)
 _INT_KEYS = {
@@ -71,9 +74,9 @@ _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads")
 
 @dataclass(frozen=True)
 class GGUFContents:
-    path: str
-    size: int
-    header_sha256: str  # of the bytes before the data region (metadata and tensor infos)
+    path: str  # the file given (the first shard of a split model)
+    # (file name, size, sha256 of the bytes before its data region) per file, shards in order
+    files: tuple[tuple[str, int, str], ...]
     config: dict[str, Any]
     config_sha256: str
     tensors: dict[str, TensorRef]
@@ -295,21 +298,57 @@ def _codec(
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
-    """The model in one GGUF file. Parsing a large vocabulary takes seconds (6 s for gemma-3's
-    262,144 tokens here), and a compare opens each model several times: the result is kept for
-    the same file (path, size, mtime, inode)."""
+    """The model in one GGUF file, or in the shards of a split one (`NAME-00001-of-00003.gguf`,
+    llama.cpp's gguf-split: pass the first). Parsing a large vocabulary takes seconds (6 s for
+    gemma-3's 262,144 tokens here), and a compare opens each model several times: the result is
+    kept while the files stay the same (path, size, mtime, inode)."""
     path = str(Path(path).absolute())
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot stat: {e.strerror}") from e
-    return _read_gguf(path, st.st_size, st.st_mtime_ns, st.st_ino)
+    stats = []
+    shards = _shard_paths(path)
+    for shard in shards:
+        try:
+            st = os.stat(shard)
+        except OSError as e:
+            split = f"; {Path(path).name} names a split of {len(shards)} GGUF shards"
+            raise CheckpointError(
+                f"{shard}: cannot stat: {e.strerror}{split if len(shards) > 1 else ''}"
+            ) from e
+        stats.append((shard, st.st_size, st.st_mtime_ns, st.st_ino))
+    return _read_gguf(path, tuple(stats))
+
+
+def _shard_paths(path: str) -> list[str]:
+    """The files of the model named by `path`: itself, or every shard of its split."""
+    m = _SHARD.match(Path(path).name)
+    if m is None:
+        return [path]
+    count = int(m["count"])
+    if count < 1 or count > MAX_SHARDS:
+        raise CheckpointError(f"{path}: a split of {count} GGUF shards; 1 to {MAX_SHARDS} expected")
+    return [
+        str(Path(path).with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf"))
+        for i in range(1, count + 1)
+    ]
 
 
 @functools.lru_cache(maxsize=8)
-def _read_gguf(path: str, size: int, mtime_ns: int, inode: int) -> GGUFContents:
+def _read_gguf(path: str, shard_stats: tuple[tuple[str, int, int, int], ...]) -> GGUFContents:
     reader = _open_reader(path)
     meta = _Metadata(path, reader)
+    shards = [path]
+    split = meta.get("split.count", int)
+    if split is not None and split > 1:
+        shards = [s[0] for s in shard_stats]
+        if len(shards) != split or shards[0] != path:
+            raise CheckpointError(
+                f"{path}: GGUF metadata split.count={split}: pass the first of the {split} "
+                f"shards, named NAME-00001-of-{split:05d}.gguf"
+            )
+    readers = [reader] + [_open_reader(shard) for shard in shards[1:]]
+    for i, (shard, r) in enumerate(zip(shards, readers, strict=True)):
+        no = _Metadata(shard, r).get("split.no", int)
+        if len(shards) > 1 and no != i:
+            raise CheckpointError(f"{shard}: GGUF metadata split.no={no}; shard {i} expected")
     arch = meta.get("general.architecture", str)
     if arch not in ARCHITECTURES:
         raise CheckpointError(
@@ -319,21 +358,29 @@ def _read_gguf(path: str, size: int, mtime_ns: int, inode: int) -> GGUFContents:
     tokens = meta.get("tokenizer.ggml.tokens", list)
     if tokens is not None and not all(isinstance(t, str) for t in tokens):
         raise CheckpointError(f"{path}: GGUF metadata 'tokenizer.ggml.tokens' must be strings")
-    names = {t.name for t in reader.tensors}
-    config = _build_config(meta, arch, names, len(tokens or ()))
+    infos = [(shard, t) for shard, r in zip(shards, readers, strict=True) for t in r.tensors]
+    config = _build_config(meta, arch, {t.name for _, t in infos}, len(tokens or ()))
     tensors: dict[str, TensorRef] = {}
-    for t in reader.tensors:
+    for shard, t in infos:
+        if t.name in tensors:
+            raise CheckpointError(
+                f"{shard}: tensor {t.name!r} is also stored in {Path(tensors[t.name].file).name}"
+            )
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         type_name = t.tensor_type.name
-        codec = _codec(path, arch, t.name, type_name, int(t.tensor_type), shape, config)
+        codec = _codec(shard, arch, t.name, type_name, int(t.tensor_type), shape, config)
         begin = int(t.data_offset)
-        tensors[t.name] = TensorRef(t.name, path, type_name, shape, begin, begin + t.n_bytes, codec)
-    header = bytes(reader.data[: reader.data_offset])
+        tensors[t.name] = TensorRef(
+            t.name, shard, type_name, shape, begin, begin + t.n_bytes, codec
+        )
+    files = tuple(
+        (Path(shard).name, len(r.data), hashlib.sha256(bytes(r.data[: r.data_offset])).hexdigest())
+        for shard, r in zip(shards, readers, strict=True)
+    )
     canon = json.dumps(config, sort_keys=True).encode()
     return GGUFContents(
         path=path,
-        size=len(reader.data),
-        header_sha256=hashlib.sha256(header).hexdigest(),
+        files=files,
         config=config,
         config_sha256=hashlib.sha256(canon).hexdigest(),
         tensors=dict(sorted(tensors.items())),

@@ -115,7 +115,7 @@ class ModelSource:
     def file_path(self, name: str) -> Path:
         """Where one of `files` lies."""
         root = Path(self.root)
-        return root if root.is_file() else root / name  # a .gguf file is its own only file
+        return root.parent / name if root.is_file() else root / name  # GGUF: its shards
 
     @property
     def total_bytes(self) -> int:
@@ -246,7 +246,7 @@ def _open_gguf(path: Path) -> ModelSource:
         config=g.config,
         config_sha256=g.config_sha256,
         tensors=tensors,
-        files=(FileInfo(path.name, g.size, g.header_sha256),),
+        files=tuple(FileInfo(*f) for f in g.files),
         metadata=g.metadata,
         tokens=g.tokens,
     )
