@@ -371,7 +371,7 @@ def _read_gguf(path: str, shard_stats: tuple[tuple[str, int, int, int], ...]) ->
         codec = _codec(shard, arch, t.name, type_name, int(t.tensor_type), shape, config)
         begin = int(t.data_offset)
         tensors[t.name] = TensorRef(
-            t.name, shard, type_name, shape, begin, begin + t.n_bytes, codec
+            t.name, shard, type_name, shape, begin, begin + t.n_bytes, codec=codec
         )
     files = tuple(
         (Path(shard).name, len(r.data), hashlib.sha256(bytes(r.data[: r.data_offset])).hexdigest())
