@@ -632,25 +632,12 @@ def test_activations_run_a_fused_expert_checkpoint_like_the_unfused_one(tmp_path
 def test_gguf_signatures_identical_for_1_and_2_ranks(llama: dict, tmp_path: Path) -> None:
     """4 KiB segments and read blocks spread a Q4_1 model over ranks: the signatures agree byte
     for byte, and with the default grid."""
-    small = ["plan.segment_bytes=4096", "stats.read_bytes=4096", "stats.chunk_elems=1000"]
+    from test_fingerprint_job import torchrun  # its 4 KiB segments and read windows
+
     outs = []
     for n in (1, 2):
         out = tmp_path / f"r{n}"
-        r = run_cli(
-            [
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={n}",
-                "-m",
-                "npu_fp",
-                "fingerprint",
-                f"model.path={llama['q4']}",
-                f"hydra.run.dir={out}",
-                *small,
-            ],
-            cwd=tmp_path,
-        )
+        r = torchrun(n, llama["q4"], out)
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append((out / "signature.json").read_bytes())
     assert outs[0] == outs[1]
