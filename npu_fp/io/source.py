@@ -102,6 +102,13 @@ class FileInfo:
     header_sha256: str  # digest of the header JSON: changes whenever names, shapes or layout change
 
 
+def weight_path(root: str | os.PathLike[str], name: str) -> Path:
+    """A weight file of the model at `root`: inside its folder, or beside a .gguf file root (the
+    file itself, or another shard of its split)."""
+    root = Path(root)
+    return root.parent / name if root.is_file() else root / name
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSource:
     root: str  # the resolved snapshot / model folder, or the .gguf file
@@ -111,11 +118,6 @@ class ModelSource:
     files: tuple[FileInfo, ...]
     metadata: dict[str, str]  # __metadata__ of the first file
     tokens: tuple[str, ...] | None = None  # vocabulary stored in the weights file (GGUF)
-
-    def file_path(self, name: str) -> Path:
-        """Where one of `files` lies."""
-        root = Path(self.root)
-        return root.parent / name if root.is_file() else root / name  # GGUF: its shards
 
     @property
     def total_bytes(self) -> int:
