@@ -133,7 +133,7 @@ def run(nproc: int, models: list[Path], out: Path, device: str) -> dict:
         "-m",
         "npu_fp",
         "compare",
-        "models=[" + ",".join(str(m) for m in models) + "]",
+        "compare.models=[" + ",".join(str(m) for m in models) + "]",
         f"hydra.run.dir={out}",
         f"compare.cache_dir={out / 'cache'}",
         f"device={device}",

@@ -99,8 +99,9 @@ def fingerprint(model: Path, ranks: int, out: Path) -> tuple[float, float, float
             "progress=false",
         ]
     )
-    job = float(re.search(r" seconds=([0-9.]+)", r.stdout).group(1))
-    stream = float(re.search(r"stream_seconds=([0-9.]+)", r.stdout).group(1))
+    log0 = (out / "logs" / "rank0.log").read_text()  # the job's timings, as rank 0 logged them
+    job = float(re.findall(r"job: bytes=\d+ seconds=([0-9.]+)", log0)[-1])
+    stream = float(re.findall(r"stream_seconds=([0-9.]+)", log0)[-1])
     rss = []
     for rank in range(ranks):
         text = (out / "logs" / f"rank{rank}.log").read_text()

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from npu_fp import calibration, realweights
+from npu_fp.commands import compare
 from npu_fp.compare import margins
-from npu_fp.compare.job import compare
 from npu_fp.compare.tensors import open_view
 from npu_fp.config import CompareConfig, RunConfig
 
@@ -32,11 +32,10 @@ from npu_fp.config import CompareConfig, RunConfig
 def run_compare(models: list[Path], out: Path, cache: Path) -> dict:
     cfg = RunConfig(
         command="compare",
-        models=[str(m) for m in models],
         out_dir=str(out),
         progress=False,
         device="cpu",
-        compare=CompareConfig(cache_dir=str(cache)),
+        compare=CompareConfig(models=[str(m) for m in models], cache_dir=str(cache)),
     )
     return json.loads(compare(cfg).read_text())
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch npu_fp on one or more nodes with torchrun; Hydra overrides pass through.
 #   NPROC=8 launch/run.sh fingerprint model=pangu_pro_moe
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=8 launch/run.sh compare models=[A,B]
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=8 launch/run.sh compare compare.models=[A,B]
 # Knobs (environment): NPROC (ranks per node, default: visible devices or 1), NNODES (1),
 # NODE_RANK (0), MASTER_ADDR / MASTER_PORT (multi-node rendezvous), RUN_DIR (one shared run
 # directory for every rank; default outputs/<timestamp>), PYTHON (python3), NPU_FP (the npu-fp

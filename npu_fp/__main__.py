@@ -1,7 +1,7 @@
 """Entry point: `npu-fp <command> [hydra overrides]` and `python -m npu_fp <command> ...`.
 
-The command word (fingerprint | compare | activations) becomes the `command=` override; Hydra
-composes the config, which is converted once to dataclasses and handed to plain functions.
+The command word (demo | fingerprint | compare | activations | benchmark) becomes the `command=` override; Hydra
+composes the config, which is converted once to dataclasses and handed to npu_fp.commands.
 """
 
 # no `from __future__ import annotations` here: it is a real import, resolved before the
@@ -18,56 +18,38 @@ if __name__ == "__main__":
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # before torch: see device.py
 
+import difflib  # noqa: E402
 import errno  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from npu_fp.config import COMMANDS, RunConfig, register_configs, to_run_config  # noqa: E402
-from npu_fp.io.rundir import held_by, locked_message  # noqa: E402
+from npu_fp.cli import (  # noqa: E402
+    HYDRA_VALUE_FLAGS,
+    check_overrides,
+    check_run_dir,
+    conf_dir,
+    render_help,
+    version_text,
+)
+from npu_fp.commands import run  # noqa: E402
+from npu_fp.config import COMMANDS, register_configs, to_run_config  # noqa: E402
 
 log = logging.getLogger("npu_fp")
 
 
-def _conf_dir() -> str:
-    here = Path(__file__).resolve().parent
-    installed = here / "conf"  # wheels carry conf/ as the npu_fp.conf package
-    return str(installed if installed.is_dir() else here.parent / "conf")
-
-
-def dispatch(cfg: RunConfig) -> object:
-    if cfg.command == "fingerprint":
-        from npu_fp.fingerprint import fingerprint
-
-        return fingerprint(cfg)
-    if cfg.command == "compare":
-        from npu_fp.compare.job import compare
-
-        return compare(cfg)
-    if cfg.command == "activations":
-        from npu_fp.activations import activations
-
-        return activations(cfg)
-    if cfg.command == "benchmark":
-        from npu_fp.lineage_bench import benchmark
-
-        return benchmark(cfg)
-    raise AssertionError(cfg.command)
-
-
 register_configs()
+if not OmegaConf.has_resolver("npu_fp_help"):  # the help template (conf/hydra/help/npu_fp.yaml)
+    OmegaConf.register_new_resolver("npu_fp_help", render_help)
 
 
-@hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="npu_fp")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="npu_fp")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
-        cfg = to_run_config(dcfg)
-        cfg.out_dir = HydraConfig.get().runtime.output_dir
-        dispatch(cfg)
+        run(to_run_config(dcfg))
     except ValueError as e:  # user errors: named, actionable, no traceback, non-zero exit
         print(f"npu-fp: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -101,42 +83,9 @@ ENVIRONMENT_ERRNOS = frozenset(
 )
 
 
-def check_run_dir(argv: list[str]) -> str | None:
-    """Why `hydra.run.dir=...` cannot be a run directory (Hydra itself would fail in makedirs
-    with a traceback), or None."""
-    for a in argv:
-        if a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")):
-            p = Path(a.split("=", 1)[1]).expanduser()
-            for q in (p, *p.parents):
-                if os.path.lexists(q):
-                    if not q.is_dir():
-                        return f"{a.split('=', 1)[0]}={p}: {q} exists and is not a directory"
-                    if not os.access(q, os.W_OK | os.X_OK):
-                        return f"{a.split('=', 1)[0]}={p}: {q} is not writable"
-                    # before Hydra writes .hydra/ into it; the job's own lock (io/rundir.py)
-                    # closes the race. Rank 0 only: the other ranks run beside their rank 0.
-                    pid = held_by(p) if os.environ.get("RANK", "0") == "0" else None
-                    if pid is not None:
-                        return locked_message(p, pid)
-                    break
-    return None
-
-
-# Hydra flags followed by a value (which is not a command word)
-HYDRA_VALUE_FLAGS = {
-    "-c",
-    "--cfg",
-    "-p",
-    "--package",
-    "-cn",
-    "--config-name",
-    "-cp",
-    "--config-path",
-    "-cd",
-    "--config-dir",
-    "--info",
-    "--experimental-rerun",
-}
+def fail(message: str) -> None:
+    print(f"npu-fp: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -148,16 +97,17 @@ def _terminate(signum: int, frame: object) -> None:
 def cli() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     argv = sys.argv[1:]
+    if "--version" in argv or "-V" in argv:
+        print(version_text())
+        return
     extra = []
     for i, arg in enumerate(argv):
         if arg.startswith("-") or "=" in arg or (i and argv[i - 1] in HYDRA_VALUE_FLAGS):
             continue
         if arg not in COMMANDS:
-            print(
-                f"npu-fp: error: unknown command {arg!r}; expected one of {', '.join(COMMANDS)}",
-                file=sys.stderr,
-            )
-            sys.exit(2)
+            close = difflib.get_close_matches(arg, COMMANDS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            fail(f"unknown command {arg!r}{hint} (expected one of {', '.join(COMMANDS)})")
         del argv[i]
         extra.append(f"command={arg}")
         break
@@ -171,10 +121,9 @@ def cli() -> None:
     if os.environ.get("RANK", "0") != "0":
         # only rank 0 records Hydra's config in the shared run directory
         extra.append("hydra.output_subdir=null")
-    why = check_run_dir([*argv, *extra])
+    why = check_overrides(argv, conf_dir()) or check_run_dir([*argv, *extra])
     if why:
-        print(f"npu-fp: error: {why}", file=sys.stderr)
-        sys.exit(2)
+        fail(why)
     sys.argv = [sys.argv[0], *argv, *extra]
     _hydra_main()
 

@@ -1,6 +1,6 @@
 """The activation step: per-layer norms of the residual stream, attention and MLP outputs.
 
-`npu-fp activations model.path=DIR` (and the fingerprint job when `activations.enabled=true`) runs
+`npu-fp activations model.path=DIR` (npu_fp.commands; also the fingerprint job when `activations.enabled=true`) runs
 corpus text through the model layer by layer (npu_fp.forward) and records, for every layer, the mean
 and spread over tokens of the L2 norm of the layer's output (`residual`), of its attention branch
 (`attn`) and of its MLP / MoE branch (`mlp`), plus for MoE layers the tokens routed to each expert
@@ -17,20 +17,14 @@ from pathlib import Path
 
 import torch
 
-from npu_fp.config import ActivationsConfig, RunConfig
+from npu_fp.config import ActivationsConfig
 from npu_fp.dist import DistContext, main_raises_everywhere
 from npu_fp.forward.corpus import make_batches
-from npu_fp.forward.errors import (
-    ActivationInputError,
-    SequenceLengthError,
-    UnsupportedArchitectureError,
-)
+from npu_fp.forward.errors import ActivationInputError, SequenceLengthError
 from npu_fp.forward.layers import StreamModel
 from npu_fp.forward.parallel import pipeline_stages, reduce_tables, run_data, run_pipeline
 from npu_fp.forward.stream import STREAMS, LayerStreamer, NormTables
-from npu_fp.io import rundir
 from npu_fp.io.source import ModelSource
-from npu_fp.signature import rows_csv
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +34,7 @@ ROW_FIELDS = ("layer", "stream", "mean_norm", "std_norm", "tokens", "nan", "inf"
 ROUTING_FIELDS = ("layer", "expert", "group", "tokens")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActivationResult:
     # one row per (layer, stream): mean / std over the finite per-token norms; `tokens` counts all
     # tokens seen, `nan` and `inf` those whose norm was not finite (excluded from mean and std)
@@ -67,11 +61,6 @@ def run_activations(
         raise ActivationInputError(
             "the activations step reuses transformers' layer modules: install them with "
             "pip install 'npu_fp[forward]' (transformers>=5, after torch is pinned)"
-        )
-    if source.tokens is not None:  # a GGUF file: llama.cpp names, no tokenizer.json
-        raise UnsupportedArchitectureError(
-            f"{source.root}: the activations step runs Hugging Face layouts; a GGUF model is "
-            "fingerprinted and compared, not run (use its safetensors original)"
         )
     where = str(Path(source.root) / "config.json")
     model = StreamModel(
@@ -190,81 +179,3 @@ def finish(
             for g, c in sorted(groups.items())
         ]
     return ActivationResult(rows, routing, settings)
-
-
-def write_activation_outputs(result: ActivationResult, out_dir: Path) -> list[Path]:
-    """activations.csv, activations_routing.csv (MoE only) and activations.png, each atomically."""
-    from npu_fp.io.atomic import write_text_atomic, write_with_atomic
-
-    out_dir = Path(out_dir)
-    paths = [write_text_atomic(out_dir / "activations.csv", rows_csv(result.rows, ROW_FIELDS))]
-    if result.routing:
-        paths.append(
-            write_text_atomic(
-                out_dir / "activations_routing.csv", rows_csv(result.routing, ROUTING_FIELDS)
-            )
-        )
-    paths.append(
-        write_with_atomic(out_dir / "activations.png", lambda tmp: plot_activations(result, tmp))
-    )
-    return paths
-
-
-def plot_activations(result: ActivationResult, path: Path) -> None:
-    """Mean +- std of the token norms per layer and stream; right: z-scored over layers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (raw, z) = plt.subplots(1, 2, figsize=(11, 4))
-    for stream in STREAMS:
-        rows = [r for r in result.rows if r["stream"] == stream and r["mean_norm"] is not None]
-        x = [r["layer"] for r in rows]
-        m = torch.tensor([r["mean_norm"] for r in rows], dtype=torch.float64)
-        s = torch.tensor([r["std_norm"] for r in rows], dtype=torch.float64)
-        raw.plot(x, m.tolist(), marker="o", ms=3, label=stream)
-        raw.fill_between(x, (m - s).tolist(), (m + s).tolist(), alpha=0.15)
-        sd = m.std() if len(rows) > 1 else torch.tensor(0.0)
-        zs = (m - m.mean()) / sd if sd > 0 else torch.zeros_like(m)
-        z.plot(x, zs.tolist(), marker="o", ms=3, label=stream)
-    st = result.settings
-    raw.set(
-        xlabel="layer",
-        ylabel="token L2 norm (mean +- std)",
-        yscale="log",
-        title=f"{st.get('family', '')}: {st.get('num_batches')} x {st.get('batch_size')} x "
-        f"{st.get('seq_len')} tokens",
-    )
-    z.set(xlabel="layer", ylabel="mean norm, z-scored over layers", title="normalized profile")
-    for ax in (raw, z):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
-
-
-def activations(cfg: RunConfig) -> Path:
-    """The `npu-fp activations` command: one model, outputs in cfg.out_dir (rank 0 writes)."""
-    from npu_fp.dist import distributed
-    from npu_fp.io.source import open_model
-    from npu_fp.logs import setup_rank_logging
-
-    if cfg.model.path is None:
-        raise ValueError(
-            "npu-fp activations needs model.path=DIR (a checkpoint folder with "
-            "config.json, *.safetensors and tokenizer.json)"
-        )
-    out = Path(cfg.out_dir)
-    with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
-        setup_rank_logging(out, ctx.rank)
-        source = open_model(cfg.model.path)
-        # rank 0 holds OUT and commits the outputs as one set (io/rundir.py)
-        with rundir.claimed(out, ctx.is_main, lambda e: main_raises_everywhere(ctx, e)):
-            result = run_activations(ctx, cfg.activations, source.root, source)
-            if result is not None:
-                with rundir.staged_outputs(out) as stage:
-                    paths = write_activation_outputs(result, stage)
-                log.info("activations: %s", ", ".join(str(out / p.name) for p in paths))
-    return out

@@ -2,21 +2,68 @@
 
 YAML files under `conf/` only hold presets; the schema and its checks live here. The entry point
 converts the composed DictConfig once (`OmegaConf.to_object`, which runs `__post_init__`), and every
-function below it takes these dataclasses, so tests build them directly without Hydra.
+function below it takes these frozen dataclasses, so tests build them directly without Hydra.
+Choices are Enums: Hydra refuses a value outside them when it composes the config, and
+`__post_init__` converts (and so checks) plain strings given by tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-
-DEVICES = ("auto", "cpu", "cuda", "npu")
-COMMANDS = ("fingerprint", "compare", "activations", "benchmark")
+from omegaconf import DictConfig, OmegaConf
 
 
-@dataclass
+class Choice(str, Enum):
+    """A config choice that compares, hashes, prints and serialises as its plain string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Command(Choice):
+    demo = "demo"
+    fingerprint = "fingerprint"
+    compare = "compare"
+    activations = "activations"
+    benchmark = "benchmark"
+
+
+class DeviceChoice(Choice):
+    auto = "auto"  # cuda, then npu, then cpu
+    cpu = "cpu"
+    cuda = "cuda"
+    npu = "npu"
+
+
+class ActivationsMode(Choice):
+    data = "data"  # batches split over ranks
+    pipeline = "pipeline"  # layers split over ranks
+
+
+class ActivationsDtype(Choice):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+COMMANDS = tuple(c.value for c in Command)
+
+
+def _choice(owner: object, name: str, kind: type[Choice], key: str) -> None:
+    """Convert a field of a frozen dataclass to its Enum, naming the key and the choices."""
+    value = getattr(owner, name)
+    try:
+        object.__setattr__(owner, name, kind(value))
+    except ValueError:
+        choices = ", ".join(c.value for c in kind)
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # folder, sharded folder or HF cache folder; None: the demo zoo
     name: str | None = None  # display name; defaults to the folder's basename
@@ -26,7 +73,7 @@ class ModelConfig:
     expect_layers: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlanConfig:
     expert_groups: bool = False  # keep every expert of a MoE group (or of an expert) on one rank
     # Big tensors are cut into row segments of at most this many bytes. The grid depends on the
@@ -39,20 +86,21 @@ class PlanConfig:
             raise ValueError(f"plan.segment_bytes must be >= 4096, got {self.segment_bytes}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StatsConfig:
-    chunk_elems: int = 1 << 18  # elements widened to float64 per kernel step (stays in L2)
-    read_bytes: int = 32 << 20  # host read buffer per rank
-    widen_on_host: bool | None = None  # None: from the device's bf16 support (Ascend 310P has none)
+    # elements widened to float64 per kernel step; None: the selected device's default (npu_fp.device:
+    # L2-sized on the CPU, large on an accelerator so one transfer feeds many kernels)
+    chunk_elems: int | None = None
+    read_bytes: int | None = None  # host read window per rank; None: the selected device's default
 
     def __post_init__(self) -> None:
-        if self.chunk_elems <= 0:
+        if self.chunk_elems is not None and self.chunk_elems <= 0:
             raise ValueError(f"stats.chunk_elems must be > 0, got {self.chunk_elems}")
-        if self.read_bytes < 4096:
+        if self.read_bytes is not None and self.read_bytes < 4096:
             raise ValueError(f"stats.read_bytes must be >= 4096, got {self.read_bytes}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActivationsConfig:
     enabled: bool = False
     corpus: str | None = None  # text / jsonl file or folder; None: the embedded corpus
@@ -60,8 +108,8 @@ class ActivationsConfig:
     seq_len: int = 128
     num_batches: int = 4
     seed: int = 0
-    mode: str = "data"  # "data" (batches split over ranks) or "pipeline" (layers split over ranks)
-    dtype: str = "float32"  # weights on the device: float32 | float16 | bfloat16
+    mode: ActivationsMode = ActivationsMode.data
+    dtype: ActivationsDtype = ActivationsDtype.float32  # weights on the device
     layers_per_block: int = 1
     # batches whose hidden states a rank holds at once; the weights are streamed once per pass, so
     # larger passes read the checkpoint fewer times at the cost of pass x batch x seq x hidden
@@ -72,16 +120,14 @@ class ActivationsConfig:
         for name in ("batch_size", "seq_len", "num_batches", "layers_per_block", "pass_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"activations.{name} must be > 0, got {getattr(self, name)}")
-        if self.mode not in ("data", "pipeline"):
-            raise ValueError(f"activations.mode must be 'data' or 'pipeline', got {self.mode!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(
-                f"activations.dtype must be float32, float16 or bfloat16, got {self.dtype!r}"
-            )
+        _choice(self, "mode", ActivationsMode, "activations.mode")
+        _choice(self, "dtype", ActivationsDtype, "activations.dtype")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompareConfig:
+    models: list[str] = field(default_factory=list)  # model folders (fingerprinted, cached)
+    signatures: list[str] = field(default_factory=list)  # saved signature files
     p_threshold: float = 1e-6  # a pair is `related` when the combined weight-level p is below this
     # p between p_threshold and weak_p is weak evidence: `inconclusive`, never `independent`
     weak_p: float = 1e-3
@@ -113,13 +159,13 @@ class CompareConfig:
             raise ValueError(f"compare.names must be unique, got {self.names}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchmarkConfig:
     pairs: str | None = None  # manifest of models and labelled pairs (npu_fp/lineage_bench.py)
     models_dir: str | None = None  # HF cache folder where `hf` ids of the manifest are looked up
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistConfig:
     # longest a rank waits for another at a synchronisation point (the process-group timeout):
     # a stopped or hung rank is named after this long. It must exceed the spread of finishing
@@ -132,14 +178,14 @@ class DistConfig:
             raise ValueError(f"dist.timeout_s must be > 0, got {self.timeout_s}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    command: str = "fingerprint"
+    command: Command = Command.demo  # `npu-fp` alone: fingerprint and compare the demo zoo
     model: ModelConfig = field(default_factory=ModelConfig)
-    models: list[str] = field(default_factory=list)  # compare: model folders
-    signatures: list[str] = field(default_factory=list)  # compare: saved signature files
-    device: str = "auto"
-    out_dir: str = "."  # set by the entry point to Hydra's run directory
+    device: DeviceChoice = DeviceChoice.auto
+    # Hydra's run directory (`hydra.run.dir`), resolved when the composed config is converted;
+    # code that builds a RunConfig without Hydra passes its own
+    out_dir: str = "${hydra:runtime.output_dir}"
     zoo_dir: str | None = None  # where the demo zoo is built; None: ~/.cache/npu_fp/zoo
     dry_run: bool = False
     world_size: int | None = None  # dry_run only: plan for this many ranks without launching
@@ -152,25 +198,51 @@ class RunConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
-        if self.command not in COMMANDS:
-            raise ValueError(f"command must be one of {COMMANDS}, got {self.command!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        _choice(self, "command", Command, "command")
+        _choice(self, "device", DeviceChoice, "device")
+        if "${" in self.out_dir:
+            raise ValueError(f"out_dir={self.out_dir!r}: give an output folder (outside Hydra)")
         if self.world_size is not None and self.world_size <= 0:
             raise ValueError(f"world_size must be > 0, got {self.world_size}")
 
 
+def _writable(node: DictConfig) -> DictConfig:
+    """OmegaConf marks the nodes of frozen dataclasses read-only, which would refuse every Hydra
+    override; the dataclasses made by `to_run_config` stay frozen."""
+    OmegaConf.set_readonly(node, None)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
+    return node
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="activations", name="activations_schema", node=ActivationsConfig)
+    cs.store(name="run_schema", node=_writable(OmegaConf.structured(RunConfig)))
+    cs.store(group="model", name="model_schema", node=_writable(OmegaConf.structured(ModelConfig)))
+    cs.store(
+        group="activations",
+        name="activations_schema",
+        node=_writable(OmegaConf.structured(ActivationsConfig)),
+    )
+
+
+def schema_keys(node: Any = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (`plan.segment_bytes`, ...), for help and typo hints."""
+    out = []
+    for f in fields(node):
+        key = f"{prefix}{f.name}"
+        kind = f.default_factory if is_dataclass(f.default_factory) else None  # type: ignore[misc]
+        if kind is not None:
+            out += schema_keys(kind, key + ".")
+        else:
+            out.append(key)
+    return out
 
 
 def to_run_config(cfg: Any) -> RunConfig:
     """The one DictConfig -> dataclass conversion, done at the entry point."""
-    from omegaconf import OmegaConf
-
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig), type(obj)
     return obj

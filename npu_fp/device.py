@@ -1,9 +1,9 @@
 """The one module that knows CPUs, CUDA GPUs and Ascend NPUs differ.
 
-torch_npu is imported here and nowhere else, behind the guard environment-notes.md section 3.3
-describes: without CANN, merely having torch_npu installed makes a plain `import torch` fail through
-torch's device-backend autoload, so the switch is turned off (setdefault: a user's explicit
-`TORCH_DEVICE_BACKEND_AUTOLOAD=1` on a real Ascend host wins) before torch is first imported.
+torch_npu is imported here and nowhere else, behind a guard: without CANN, merely having torch_npu
+installed makes a plain `import torch` fail through torch's device-backend autoload, so the switch
+is turned off (setdefault: a user's explicit `TORCH_DEVICE_BACKEND_AUTOLOAD=1` on a real Ascend
+host wins) before torch is first imported.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def try_torch_npu() -> ModuleType | None:
     if importlib.util.find_spec("torch_npu") is None:
         return None
     try:
+        # optional: only where torch_npu is installed (Ascend); importing it without CANN fails
         import torch_npu  # noqa: F401
     except (ImportError, OSError, RuntimeError) as e:  # missing CANN libs, device conflict, init
         log.info("torch_npu is installed but unusable: %s", e)
@@ -48,13 +49,15 @@ class Device:
         return torch.device(self.type if self.index is None else f"{self.type}:{self.index}")
 
     @property
-    def module(self) -> ModuleType | None:
-        """torch.cuda / torch.npu; None for the CPU."""
-        return None if self.type == "cpu" else getattr(torch, self.type)
+    def chunk_elems(self) -> int:
+        """Default elements per statistics kernel step: L2-sized on the CPU; big on an
+        accelerator, so one host-to-device transfer keeps an HBM-bound device busy."""
+        return 1 << 18 if self.type == "cpu" else 1 << 24
 
-    def synchronize(self) -> None:
-        if self.module is not None:
-            self.module.synchronize(self.torch)
+    @property
+    def read_bytes(self) -> int:
+        """Default host read window per rank (mapped bytes handed to the device at once)."""
+        return 32 << 20 if self.type == "cpu" else 256 << 20
 
 
 def available_type() -> str:
@@ -103,12 +106,12 @@ def _bf16_supported(dtype: str, name: str) -> bool:
     return True
 
 
-def to_device_float(x: torch.Tensor, device: Device, non_blocking: bool = False) -> torch.Tensor:
+def to_device_float(x: torch.Tensor, device: Device) -> torch.Tensor:
     """Move a host tensor to the device; bf16 is widened on the host where the device lacks it."""
     if x.dtype == torch.bfloat16 and not device.supports_bf16:
         # a 16-bit shift is exactly bf16 -> fp32; done on the host, no device bf16 kernel runs
         x = bf16_to_float32(x)
-    return x.to(device.torch, non_blocking=non_blocking)
+    return x.to(device.torch)
 
 
 def bf16_to_float32(x: torch.Tensor) -> torch.Tensor:

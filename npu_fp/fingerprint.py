@@ -1,4 +1,4 @@
-"""The fingerprint job: read -> map roles -> plan -> compute -> gather -> signature.
+"""The fingerprint stage: read -> map roles -> plan -> compute -> gather -> signature.
 
 Every rank reads the headers and builds the same plan (a pure function), computes the moments of its
 own work items into its own slots of one fixed-schema float64 table, and a single reduce brings the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 import xxhash
 
 import npu_fp
+from npu_fp.activations import ActivationResult, run_activations
 from npu_fp.arch import map_roles
 from npu_fp.arch.base import RoleMap, TensorRole
 from npu_fp.config import RunConfig
@@ -26,7 +28,6 @@ from npu_fp.dist import (
     reduce_rows_to_main,
 )
 from npu_fp.io import rundir
-from npu_fp.io.atomic import write_text_atomic
 from npu_fp.io.reader import FileCache, RowReader, scale_for
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.source import ModelSource, open_model
@@ -34,13 +35,17 @@ from npu_fp.io.stamp import FileStamp, folder_stamps, stamped_files
 from npu_fp.io.validate import InputError
 from npu_fp.plan import Plan, format_plan, make_plan
 from npu_fp.progress import Progress
-from npu_fp.signature import FORMAT, SCHEMA_VERSION, Signature, seal, tensors_csv, write_signature
+from npu_fp.signature import Signature, build_signature
 from npu_fp.stats import partials
-from npu_fp.stats.aggregate import TensorStats, layer_table, tensor_row
+from npu_fp.stats.aggregate import TensorStats
 from npu_fp.stats.kernel import MomentKernel, item_stats
 from npu_fp.stats.moments import FIELDS, NUM_FIELDS, Moments
 
 log = logging.getLogger(__name__)
+
+# columns of the reduced table: the moment fields of Moments.to_row(), then the four digest words
+DIGEST_COLUMNS = slice(FIELDS.index("h0"), FIELDS.index("h3") + 1)
+MOMENT_COLUMNS = slice(0, DIGEST_COLUMNS.start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,14 @@ def check_expectations(cfg: RunConfig, source: ModelSource, rolemap: RoleMap) ->
         )
 
 
+def stats_sizes(cfg: RunConfig, ctx: DistContext) -> tuple[int, int]:
+    """(chunk elements, read bytes): the config's, or the defaults of the device in use."""
+    return (
+        cfg.stats.chunk_elems or ctx.device.chunk_elems,
+        cfg.stats.read_bytes or ctx.device.read_bytes,
+    )
+
+
 def digest_words(digest: bytes) -> list[float]:
     """A 128-bit digest as four 32-bit words: exact in float64, so it travels in the table."""
     return [float(int.from_bytes(digest[i : i + 4], "big")) for i in range(0, 16, 4)]
@@ -120,7 +133,8 @@ def compute_table(
     mine = layout.plan.assignment[ctx.rank]
     done = store.load() if store is not None else {}
     reused = 0
-    kernel = MomentKernel(ctx.device, cfg.stats.chunk_elems)
+    chunk_elems, read_bytes = stats_sizes(cfg, ctx)
+    kernel = MomentKernel(ctx.device, chunk_elems)
     my_bytes = sum(layout.plan.items[i].nbytes for i in mine)
     progress = Progress(
         my_bytes * ctx.world_size,
@@ -140,12 +154,14 @@ def compute_table(
             ref = source.tensors[item.tensor]
             role = rolemap.roles.get(item.tensor)
             scale = scale_for(source.tensors, ref)
-            res = item_stats(reader, kernel, ref, role, item, cfg.stats.read_bytes, scale)
+            res = item_stats(reader, kernel, ref, role, item, read_bytes, scale)
             slot = layout.first_slot[i]
-            table[slot, :9] = torch.tensor(res.whole.to_row(), dtype=torch.float64)
-            table[slot, 9:13] = torch.tensor(digest_words(res.digest), dtype=torch.float64)
+            table[slot, MOMENT_COLUMNS] = torch.tensor(res.whole.to_row(), dtype=torch.float64)
+            table[slot, DIGEST_COLUMNS] = torch.tensor(
+                digest_words(res.digest), dtype=torch.float64
+            )
             for j, pm in enumerate(res.parts):
-                table[slot + 1 + j, :9] = torch.tensor(pm.to_row(), dtype=torch.float64)
+                table[slot + 1 + j, MOMENT_COLUMNS] = torch.tensor(pm.to_row(), dtype=torch.float64)
             if store is not None:
                 store.save(i, table[span])
             progress.advance(item.nbytes * ctx.world_size)
@@ -161,12 +177,13 @@ def compute_table(
 
 def partials_inputs(
     cfg: RunConfig,
+    ctx: DistContext,
     source: ModelSource,
     stamps: dict[str, FileStamp],
     layout: Layout,
-    device_type: str,
 ) -> dict:
     """Everything that shapes a work item's numbers: what seals its partial result."""
+    chunk_elems, read_bytes = stats_sizes(cfg, ctx)
     return {
         "npu_fp": npu_fp.__version__,
         "fields": list(FIELDS),
@@ -175,10 +192,9 @@ def partials_inputs(
         "lm_prefix": cfg.model.lm_prefix,
         "segment_bytes": cfg.plan.segment_bytes,
         "expert_groups": cfg.plan.expert_groups,
-        "chunk_elems": cfg.stats.chunk_elems,
-        "read_bytes": cfg.stats.read_bytes,
-        "widen_on_host": cfg.stats.widen_on_host,
-        "device_type": device_type,
+        "chunk_elems": chunk_elems,
+        "read_bytes": read_bytes,
+        "device_type": ctx.device.type,
         "items": [
             [
                 it.tensor,
@@ -206,7 +222,7 @@ def finish_stats(
         acc = merged.setdefault(item.tensor, [Moments() for _ in range(1 + nparts)])
         for j in range(1 + nparts):
             acc[j].merge(Moments.from_row(rows[slot + j]))
-        seg_digests.setdefault(item.tensor, []).append(words_digest(rows[slot][9:13]))
+        seg_digests.setdefault(item.tensor, []).append(words_digest(rows[slot][DIGEST_COLUMNS]))
     out = []
     for name, acc in merged.items():
         ref = source.tensors[name]
@@ -221,61 +237,34 @@ def finish_stats(
     return out
 
 
-def signature_doc(
-    cfg: RunConfig,
-    source: ModelSource,
-    rolemap: RoleMap,
-    stats: list[TensorStats],
-    skipped: list[str],
-    name: str,
-    device_type: str,
-    stamps: dict[str, FileStamp],
-) -> dict:
-    rows = [tensor_row(ts) for ts in sorted(stats, key=lambda t: (t.ref.name, t.part or ""))]
-    content = xxhash.xxh3_128()
-    for r in rows:
-        if not r["part"]:
-            content.update(f"{r['name']}\0{r['hash']}\n".encode())
-    identity = {
-        "name": name,
-        "path": source.root,
-        "architecture": source.architecture,
-        "model_type": source.config.get("model_type"),
-        "adapter": rolemap.arch,
-        "config_sha256": source.config_sha256,
-        "num_layers": rolemap.num_layers,
-        "num_experts": rolemap.num_experts,
-        "experts_per_group": rolemap.experts_per_group,
-        "num_tensors": len(source.tensors),
-        "total_bytes": source.total_bytes,
-        # size, mtime and sampled bytes bind the signature to the bytes it describes (io/stamp.py)
-        "files": stamped_files(source.files, stamps),
-        "content_hash": content.hexdigest(),
-    }
-    return {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "created_by": f"npu_fp {npu_fp.__version__}",
-        "identity": identity,
-        "settings": {
-            "segment_bytes": cfg.plan.segment_bytes,
-            "chunk_elems": cfg.stats.chunk_elems,
-            "device_type": device_type,
-            "std_ddof": 1,
-            "kurtosis": "excess (0 for a Gaussian)",
-        },
-        "tensors": rows,
-        "layers": layer_table(stats),
-        "skipped": skipped,
-        "unmapped": list(rolemap.unmapped),
-        "warnings": list(rolemap.warnings),
-    }
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """One model's fingerprint on rank 0: the sealed signature, its activation norms (when
+    `activations.enabled`), and how long it took."""
+
+    signature: Signature
+    activations: ActivationResult | None
+    total_bytes: int
+    seconds: float
+    stream_seconds: float
+
+
+# Writes a fingerprint's output files into a folder (the command layer supplies it: the figures
+# and CSVs belong to npu_fp.report, above this stage)
+WriteOutputs = Callable[["Fingerprint", Path], object]
 
 
 def fingerprint_model(
-    ctx: DistContext, cfg: RunConfig, model_path: str, out_dir: Path, name: str | None = None
-) -> Signature | None:
-    """Collective over all ranks. Rank 0 writes and returns the Signature; dry runs return None."""
+    ctx: DistContext,
+    cfg: RunConfig,
+    model_path: str,
+    out_dir: Path,
+    write: WriteOutputs,
+    name: str | None = None,
+) -> Fingerprint | None:
+    """Collective over all ranks. Rank 0 holds `out_dir`, resumes from the partial results an
+    interrupted run left there, and commits `write`'s files as one set; it returns the
+    Fingerprint, other ranks and dry runs None."""
     t0 = time.perf_counter()
     source = open_model(model_path)
     shapes = {n: r.shape for n, r in source.tensors.items()}
@@ -295,7 +284,9 @@ def fingerprint_model(
     layout = build_layout(plan, rolemap.roles)
     # rank 0 owns the run directory for the whole run; every rank learns if it cannot
     with rundir.claimed(out_dir, ctx.is_main, lambda e: main_raises_everywhere(ctx, e)):
-        return _compute_and_write(ctx, cfg, source, rolemap, layout, skipped, out_dir, name, t0)
+        return _compute_and_write(
+            ctx, cfg, source, rolemap, layout, skipped, out_dir, write, name, t0
+        )
 
 
 def _compute_and_write(
@@ -306,16 +297,17 @@ def _compute_and_write(
     layout: Layout,
     skipped: list[str],
     out_dir: Path,
+    write: WriteOutputs,
     name: str | None,
     t0: float,
-) -> Signature | None:
+) -> Fingerprint | None:
     error: BaseException | None = None
     table = torch.zeros(layout.num_slots, NUM_FIELDS, dtype=torch.float64)
     t_compute = time.perf_counter()
     stamps: dict[str, FileStamp] = {}
     try:
         stamps = folder_stamps(source.root, [f.name for f in source.files])
-        key = partials.inputs_key(partials_inputs(cfg, source, stamps, layout, ctx.device.type))
+        key = partials.inputs_key(partials_inputs(cfg, ctx, source, stamps, layout))
         if ctx.is_main:
             partials.drop_other_runs(out_dir, key)
         store = partials.PartialStore(out_dir, key, ctx.rank)
@@ -338,8 +330,6 @@ def _compute_and_write(
     t_compute = time.perf_counter() - t_compute
     act = None
     if cfg.activations.enabled:  # collective too: every rank takes part before rank 0 writes
-        from npu_fp.activations import run_activations
-
         act = run_activations(ctx, cfg.activations, source.root, source)
     if not ctx.is_main:
         return None
@@ -347,76 +337,20 @@ def _compute_and_write(
     model_name = name or cfg.model.name or Path(source.root).name
     if Path(source.root).parent.name == "snapshots" and not (name or cfg.model.name):
         model_name = Path(source.root).parent.parent.name.removeprefix("models--")
-    doc = signature_doc(cfg, source, rolemap, stats, skipped, model_name, ctx.device.type, stamps)
+    settings = {
+        "segment_bytes": cfg.plan.segment_bytes,
+        "chunk_elems": stats_sizes(cfg, ctx)[0],
+        "device_type": ctx.device.type,
+    }
+    activations = None
     if act is not None:
-        doc["activations"] = {"rows": act.rows, "routing": act.routing, "settings": act.settings}
-    sig = Signature(seal(doc))
-    write_outputs(sig, out_dir, act)
-    partials.drop_all(out_dir)
-    elapsed = time.perf_counter() - t0
-    log.info(
-        "%s: %.3f GiB in %.2f s (%.2f GB/s) -> %s",
-        model_name,
-        source.total_bytes / 2**30,
-        elapsed,
-        source.total_bytes / 1e9 / max(elapsed, 1e-9),
-        out_dir,
-    )
-    print(
-        f"job: {model_name} bytes={source.total_bytes} seconds={elapsed:.3f} "
-        f"stream_seconds={t_compute:.3f}"
-    )
-    return Signature(sig.doc, str(out_dir / "signature.json"))
-
-
-def write_outputs(sig: Signature, out_dir: Path, act: object | None = None) -> None:
-    """The output set is staged and committed whole, its manifest last (io/rundir.py)."""
-    from npu_fp.report.profile_plot import plot_profiles
-
+        activations = {"rows": act.rows, "routing": act.routing, "settings": act.settings}
+    # size, mtime and sampled bytes bind the signature to the bytes it describes (io/stamp.py)
+    files = stamped_files(source.files, stamps)
+    sig = build_signature(source, rolemap, stats, skipped, model_name, settings, files, activations)
+    fp = Fingerprint(sig, act, source.total_bytes, time.perf_counter() - t0, t_compute)
+    # the output set is staged and committed whole, its manifest last (io/rundir.py)
     with rundir.staged_outputs(out_dir) as stage:
-        if act is not None:
-            from npu_fp.activations import write_activation_outputs
-
-            write_activation_outputs(act, stage)
-        write_text_atomic(stage / "tensors.csv", tensors_csv(sig.tensors))
-        plot_profiles([sig], stage / "profile.png")
-        write_signature(sig.doc, stage)
-
-
-def fingerprint(cfg: RunConfig) -> list[Path]:
-    """The `npu-fp fingerprint` command: one model, or the demo zoo when no model is given."""
-    from npu_fp.dist import barrier, distributed
-    from npu_fp.logs import setup_rank_logging
-
-    out = Path(cfg.out_dir)
-    with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
-        setup_rank_logging(out, ctx.rank)
-        if cfg.model.path is not None:
-            targets = [(cfg.model.path, out, cfg.model.name)]
-        else:
-            from npu_fp.zoo import build_demo_zoo, default_zoo_dir
-
-            zoo_dir = Path(cfg.zoo_dir) if cfg.zoo_dir else default_zoo_dir()
-            if ctx.is_main:
-                build_demo_zoo(zoo_dir)
-            barrier(ctx)
-            from npu_fp.zoo import DEMO_MODELS
-
-            targets = [(str(zoo_dir / n), out / n, n) for n in DEMO_MODELS]
-        written = []
-        for path, target_dir, name in targets:
-            sig = fingerprint_model(ctx, cfg, path, target_dir, name)
-            if sig is not None and sig.path:
-                written.append(Path(sig.path))
-                print(f"signature: {sig.path}")
-        if cfg.model.path is None and not cfg.dry_run:
-            # the demo ends with the lineage report on the zoo it just fingerprinted
-            from npu_fp.compare.job import compare_models
-
-            sigs = [str(d / "signature.json") for _, d, _ in targets]
-            report = compare_models(ctx, cfg, models=[], signatures=sigs, out_dir=out / "compare")
-            if report is not None:
-                from npu_fp.report.compare_report import verdict_summary
-
-                print(verdict_summary(report))
-        return written
+        write(fp, stage)
+    partials.drop_all(out_dir)
+    return fp

@@ -1,4 +1,5 @@
-"""`npu-fp benchmark benchmark.pairs=MANIFEST`: a detector's accuracy on labelled model pairs.
+"""`npu-fp benchmark benchmark.pairs=MANIFEST` (npu_fp.commands): a detector's accuracy on labelled
+model pairs.
 
 A manifest (JSON) names models and labelled pairs:
 
@@ -24,12 +25,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
-
-from npu_fp.compare.job import compare_models
-from npu_fp.config import RunConfig
-from npu_fp.dist import distributed
-from npu_fp.io.atomic import write_text_atomic
-from npu_fp.logs import setup_rank_logging
 
 LABELS = ("related", "independent")
 MAX_MANIFEST_BYTES = 16 << 20
@@ -239,48 +234,11 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def benchmark(cfg: RunConfig) -> Path:
-    """The command body: compare the manifest's labelled pairs, write benchmark.json / .md."""
-    manifest = load_manifest(cfg.benchmark.pairs or "", cfg.benchmark.models_dir)
-    out = Path(cfg.out_dir)
-    ids = [
-        m
-        for m, path in manifest.models.items()
-        if path is not None and any(m in (lp.a, lp.b) for lp in manifest.pairs)
-    ]
-    names = {m: f"m{k}:{Path(str(manifest.models[m])).name}" for k, m in enumerate(ids)}
-    wanted = {
-        frozenset((names[lp.a], names[lp.b]))
-        for lp in manifest.pairs
-        if lp.a in names and lp.b in names
-    }
-    with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
-        setup_rank_logging(out, ctx.rank)
-        report = (
-            compare_models(
-                ctx,
-                cfg,
-                [str(manifest.models[m]) for m in ids],
-                [],
-                out / "compare",
-                [names[m] for m in ids],
-                only=wanted,
-            )
-            if wanted
-            else None
-        )
-        if not ctx.is_main:
-            return out / "benchmark.json"
-    doc = json.loads(report.read_text()) if report is not None else {"pairs": []}
-    result = evaluate(doc, manifest, names)
-    write_text_atomic(out / "benchmark.md", render(result))
-    path = write_text_atomic(
-        out / "benchmark.json", json.dumps(result, indent=1, allow_nan=False) + "\n"
-    )
+def summary_line(result: dict, report: Path) -> str:
+    """The one line the command prints."""
     o = result["overall"]
-    print(
+    return (
         f"benchmark: {o['related']} related / {o['independent']} independent pairs; ROC AUC "
         f"{_fmt(o['roc_auc'])}; TPR at FPR 1 % {_fmt(o['tpr_at_fpr_1pct'])}; "
-        f"{len(result['false_positives'])} false positives; report: {out / 'benchmark.md'}"
+        f"{len(result['false_positives'])} false positives; report: {report}"
     )
-    return path

@@ -8,6 +8,7 @@ indivisible unit, so a group's experts land on one rank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from npu_fp.arch.base import TensorRole
@@ -43,6 +44,19 @@ class Plan:
                     seen.setdefault(self.items[i].bundle, None)
             out.append(list(seen))
         return out
+
+
+def longest_first(costs: Sequence[int], world_size: int) -> list[list[int]]:
+    """Indices of `costs` per rank: the largest first, each onto the least-loaded rank (ties go
+    to the lower index and the lower rank); each rank's list sorted. A pure function of the
+    costs, shared by the fingerprint plan and compare's phases."""
+    loads = [0] * world_size
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owned[rank].append(i)
+        loads[rank] += costs[i]
+    return [sorted(o) for o in owned]
 
 
 def segment_rows(ref: TensorRef, segment_bytes: int) -> list[tuple[int, int]]:
@@ -91,14 +105,10 @@ def make_plan(
     units: dict[str, list[int]] = {}
     for i, it in enumerate(items):
         units.setdefault(it.bundle if it.bundle is not None else f"#{i}", []).append(i)
-    ordered = sorted(units.values(), key=lambda idx: (-sum(items[i].nbytes for i in idx), idx[0]))
-    loads = [0] * world_size
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    for idx in ordered:
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[rank] += sum(items[i].nbytes for i in idx)
-        owned[rank].extend(idx)
-    return Plan(world_size, tuple(items), tuple(tuple(sorted(o)) for o in owned))
+    groups = list(units.values())
+    per_rank = longest_first([sum(items[i].nbytes for i in idx) for idx in groups], world_size)
+    owned = [sorted(i for u in unit_ids for i in groups[u]) for unit_ids in per_rank]
+    return Plan(world_size, tuple(items), tuple(tuple(o) for o in owned))
 
 
 def format_plan(plan: Plan, total_bytes: int) -> str:

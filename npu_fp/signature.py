@@ -24,7 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
+import npu_fp
+from npu_fp.arch.base import RoleMap
 from npu_fp.io.atomic import write_text_atomic
+from npu_fp.io.source import ModelSource
 from npu_fp.io.validate import (
     MAX_JSON_NUMBER,
     SIGNATURE_MAX_BYTES,
@@ -33,6 +38,7 @@ from npu_fp.io.validate import (
     loads_json,
     read_regular,
 )
+from npu_fp.stats.aggregate import TensorStats, layer_table, tensor_row
 
 FORMAT = "npu_fp.signature"
 SCHEMA_VERSION = 1
@@ -59,6 +65,61 @@ CSV_COLUMNS = (
     "kind",
     "hash",
 )
+
+
+STD_DDOF = 1  # sample std (ddof 1), as numpy's std(ddof=1) and torch.std
+
+
+def build_signature(
+    source: ModelSource,
+    rolemap: RoleMap,
+    stats: list[TensorStats],
+    skipped: list[str],
+    name: str,
+    settings: dict[str, Any],
+    files: list[dict[str, Any]],
+    activations: dict | None = None,
+) -> Signature:
+    """The sealed signature of a fingerprinted model (rank 0): identity, settings, rows, table."""
+    rows = [tensor_row(ts) for ts in sorted(stats, key=lambda t: (t.ref.name, t.part or ""))]
+    content = xxhash.xxh3_128()
+    for r in rows:
+        if not r["part"]:
+            content.update(f"{r['name']}\0{r['hash']}\n".encode())
+    identity = {
+        "name": name,
+        "path": source.root,
+        "architecture": source.architecture,
+        "model_type": source.config.get("model_type"),
+        "adapter": rolemap.arch,
+        "config_sha256": source.config_sha256,
+        "num_layers": rolemap.num_layers,
+        "num_experts": rolemap.num_experts,
+        "experts_per_group": rolemap.experts_per_group,
+        "num_tensors": len(source.tensors),
+        "total_bytes": source.total_bytes,
+        "files": files,  # name, size, header_sha256 and the content stamp (io/stamp.py)
+        "content_hash": content.hexdigest(),
+    }
+    doc = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"npu_fp {npu_fp.__version__}",
+        "identity": identity,
+        "settings": {
+            **settings,
+            "std_ddof": STD_DDOF,
+            "kurtosis": "excess (0 for a Gaussian)",
+        },
+        "tensors": rows,
+        "layers": layer_table(stats),
+        "skipped": skipped,
+        "unmapped": list(rolemap.unmapped),
+        "warnings": list(rolemap.warnings),
+    }
+    if activations is not None:
+        doc["activations"] = activations
+    return Signature(seal(doc))
 
 
 class SignatureError(InputError):

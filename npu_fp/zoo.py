@@ -10,13 +10,17 @@ The same seed gives the same bytes on every machine; the whole zoo is written in
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import shutil
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 DEMO_MODELS = ("base", "base-continued", "moge-upcycled", "independent")
 ZOO_VERSION = 1  # bump when the zoo's content changes, so stale caches are rebuilt
@@ -175,12 +179,6 @@ def moge_upcycle(
 
 def tokenizer_json(vocab_size: int) -> str:
     """A real `tokenizers` WordLevel tokenizer over the most frequent words of a bundled corpus."""
-    import collections
-    import re
-    from pydoc_data.topics import topics
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     words = collections.Counter(
         w for text in topics.values() for w in re.findall(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]", text)
     )

@@ -62,19 +62,21 @@ def run_compare(
 
     import pytest
 
-    from npu_fp.compare.job import compare
+    from npu_fp.commands import compare
     from npu_fp.config import CompareConfig, RunConfig
     from npu_fp.report import profile_plot
 
     signatures = compare_kw.pop("signatures", [])
     cfg = RunConfig(
         command="compare",
-        models=[str(m) for m in models],
-        signatures=[str(s) for s in signatures],  # type: ignore[union-attr]
         out_dir=str(out),
         progress=False,
         device="cpu",
-        compare=CompareConfig(**compare_kw),
+        compare=CompareConfig(
+            models=[str(m) for m in models],
+            signatures=[str(s) for s in signatures],  # type: ignore[union-attr]
+            **compare_kw,
+        ),
     )  # type: ignore[arg-type]
     with pytest.MonkeyPatch.context() as mp:
         if not fingerprint_plots:

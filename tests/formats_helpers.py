@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from npu_fp.commands import fingerprint
 from npu_fp.config import ModelConfig, PlanConfig, RunConfig, StatsConfig
-from npu_fp.fingerprint import fingerprint
 from npu_fp.signature import load_signature
 
 # every statistic of a tensors.csv row (the signature's tensor rows), plus the content hash

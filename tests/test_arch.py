@@ -121,7 +121,7 @@ EXPECTED: dict[str, tuple] = {
         HF_GLOBAL,
         0,
         4,
-        0,
+        2,  # n_group=2: routing groups of 2 experts
     ),
     "deepseek_v3_fp8": (
         "deepseek",
@@ -132,7 +132,7 @@ EXPECTED: dict[str, tuple] = {
         HF_GLOBAL,
         0,
         4,
-        0,
+        2,  # n_group=2: routing groups of 2 experts
     ),
     "pangu_pro_moe": (
         "pangu_pro_moe",
@@ -711,3 +711,16 @@ def test_tiny_layout_matches_transformers(family: str, tmp_path: Path) -> None:
     ours = {rename(n): s for n, s in shapes.items() if not skip(n)}
     assert sorted(ours) == sorted(saved)
     assert {n: s for n, s in ours.items() if saved[n] != s} == {}
+
+
+def test_expert_groups_follow_routing_when_the_config_names_no_groups() -> None:
+    """One rule for fingerprint and forward: MoGE routes one expert per group, so without
+    num_groups / experts_per_group the groups are num_experts_per_tok (8 in the release)."""
+    config, shapes = family_spec("pangu_pro_moe")
+    bare = {k: v for k, v in config.items() if k not in ("num_groups", "experts_per_group")}
+    assert map_roles({**bare, "num_experts_per_tok": 4}, shapes).experts_per_group == 16 // 4
+    assert map_roles({**bare, "num_experts_per_tok": None}, shapes).experts_per_group == 16 // 8
+    config, shapes = family_spec("deepseek_v3")
+    assert map_roles({**config, "n_group": 1}, shapes).experts_per_group == 0
+    with pytest.raises(ValueError, match="n_group=3"):
+        map_roles({**config, "n_group": 3}, shapes)

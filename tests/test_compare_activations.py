@@ -174,11 +174,10 @@ def test_differing_settings_are_flagged() -> None:
 @pytest.fixture(scope="module")
 def fingerprints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real signatures with activations of a base, its continued training and an unrelated model."""
-    import npu_fp.activations as act_mod
+    from npu_fp.commands import fingerprint_into
     from npu_fp.config import ActivationsConfig, RunConfig
     from npu_fp.dist import distributed
-    from npu_fp.fingerprint import fingerprint_model
-    from npu_fp.report import profile_plot
+    from npu_fp.report import activation_report, profile_plot
 
     root = tmp_path_factory.mktemp("act")
     base = write_base(root / "base", 0)
@@ -198,9 +197,9 @@ def fingerprints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with pytest.MonkeyPatch.context() as mp, distributed(cfg.device) as ctx:
         # the per-model figures are not under test here and cost most of the time
         mp.setattr(profile_plot, "plot_profiles", lambda sigs, path, stat="std": path)
-        mp.setattr(act_mod, "write_activation_outputs", lambda result, out_dir: [])
+        mp.setattr(activation_report, "write_activation_outputs", lambda result, out_dir: [])
         for name, m in models.items():
-            s = fingerprint_model(ctx, cfg, str(m), root / "sigs" / name, name)
+            s = fingerprint_into(ctx, cfg, str(m), root / "sigs" / name, name)
             assert s is not None and s.path is not None
             out[name] = Path(s.path)
     return out

@@ -127,7 +127,7 @@ def test_cli_reports_a_bad_signature(sigs: list[Path], tmp_path: Path) -> None:
             "-m",
             "npu_fp",
             "compare",
-            f"signatures=[{bad},{sigs[0]}]",
+            f"compare.signatures=[{bad},{sigs[0]}]",
             f"hydra.run.dir={tmp_path / 'out'}",
             "device=cpu",
         ],

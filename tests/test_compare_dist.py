@@ -21,7 +21,7 @@ def _torchrun(nproc: int, models: list[Path], out: Path, cache: Path) -> dict:
         "-m",
         "npu_fp",
         "compare",
-        "models=[" + ",".join(str(m) for m in models) + "]",
+        "compare.models=[" + ",".join(str(m) for m in models) + "]",
         f"hydra.run.dir={out}",
         "device=cpu",
         "progress=false",

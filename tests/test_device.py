@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 
 from npu_fp import device as dev
+from npu_fp.config import RunConfig, StatsConfig
 from npu_fp.dist import DistContext, backend_for, distributed
+from npu_fp.fingerprint import stats_sizes
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +118,17 @@ def test_single_process_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> Non
         assert isinstance(ctx, DistContext)
         assert (ctx.rank, ctx.world_size, ctx.distributed) == (0, 1, False)
         assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "device_type,chunk,window", [("cpu", 1 << 18, 32 << 20), ("cuda", 1 << 24, 256 << 20)]
+)
+def test_statistics_sizes_follow_the_selected_device(
+    device_type: str, chunk: int, window: int
+) -> None:
+    """`device=auto` that lands on a GPU gets the GPU sizes: they follow the device in use, not
+    the preset name; explicit stats.* values win."""
+    ctx = DistContext(0, 0, 1, dev.Device(device_type, None, device_type, supports_bf16=True))
+    assert stats_sizes(RunConfig(device="auto", out_dir="."), ctx) == (chunk, window)
+    given = RunConfig(out_dir=".", stats=StatsConfig(chunk_elems=1000, read_bytes=8192))
+    assert stats_sizes(given, ctx) == (1000, 8192)

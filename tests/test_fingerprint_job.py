@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ import torch
 from conftest import REPO, run_cli
 from safetensors.torch import save_file
 
+from npu_fp.commands import demo, fingerprint
 from npu_fp.config import ModelConfig, PlanConfig, RunConfig, StatsConfig
-from npu_fp.fingerprint import fingerprint
 from npu_fp.signature import SignatureError, load_signature
 
 SMALL = [
@@ -313,10 +314,10 @@ def test_preset_expectations_catch_a_wrong_path(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     cfg = small_cfg(tiny_models["dense"], tmp_path)
-    cfg.model.expect_arch = "PanguProMoEForCausalLM"
+    cfg = replace(cfg, model=replace(cfg.model, expect_arch="PanguProMoEForCausalLM"))
     with pytest.raises(ValueError, match="preset expects architecture 'PanguProMoEForCausalLM'"):
         fingerprint(cfg)
-    cfg.model.expect_arch, cfg.model.expect_layers = None, 48
+    cfg = replace(cfg, model=replace(cfg.model, expect_arch=None, expect_layers=48))
     with pytest.raises(ValueError, match="preset expects 48 layers"):
         fingerprint(cfg)
     assert not (tmp_path / "signature.json").exists()
@@ -327,7 +328,7 @@ def test_demo_builds_the_zoo_and_ends_with_the_report(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     cfg = RunConfig(out_dir=str(tmp_path / "out"), zoo_dir=str(tmp_path / "zoo"), progress=False)
-    written = fingerprint(cfg)
+    written = demo(cfg)
     assert [p.parent.name for p in written] == [
         "base",
         "base-continued",
@@ -361,3 +362,13 @@ def test_activations_inside_fingerprint_do_not_depend_on_ranks(
     assert docs[0]["activations"]["rows"] == docs[1]["activations"]["rows"]
     assert docs[0]["activations"]["routing"] == docs[1]["activations"]["routing"]
     assert {r["stream"] for r in docs[0]["activations"]["rows"]} == {"residual", "attn", "mlp"}
+
+
+def test_no_command_with_a_model_fingerprints_it(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """`npu-fp model.path=DIR` (the default command, demo, given a model) fingerprints DIR and
+    compares nothing, as before demo was a command of its own."""
+    cfg = replace(small_cfg(tiny_models["dense"], tmp_path), command="demo")
+    assert demo(cfg) == [tmp_path / "signature.json"]
+    assert not (tmp_path / "compare").exists()

@@ -16,7 +16,7 @@ from forward_helpers import (
     save_pangu,
 )
 
-from npu_fp.activations import ActivationResult, run_activations, write_activation_outputs
+from npu_fp.activations import ActivationResult, run_activations
 from npu_fp.config import ActivationsConfig
 from npu_fp.device import resolve_device
 from npu_fp.dist import DistContext
@@ -25,6 +25,7 @@ from npu_fp.forward.layers import StreamModel, build_hf_config, resolve_family
 from npu_fp.forward.pangu import PanguMoGEBlock
 from npu_fp.forward.stream import LayerStreamer, NormTables
 from npu_fp.io.source import open_model
+from npu_fp.report.activation_report import write_activation_outputs
 
 HF_FAMILIES = [
     "llama",

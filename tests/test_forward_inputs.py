@@ -11,7 +11,8 @@ import torch
 from forward_helpers import make_tokenizer, save_hf_model, save_pangu
 from safetensors.torch import load_file, save_file
 
-from npu_fp.activations import activations, run_activations
+from npu_fp.activations import run_activations
+from npu_fp.commands import activations
 from npu_fp.config import ActivationsConfig, ModelConfig, RunConfig
 from npu_fp.device import resolve_device
 from npu_fp.dist import DistContext
@@ -231,7 +232,7 @@ def test_nan_and_inf_are_reported_per_layer(tmp_path):
     assert bad["mean_norm"] is None and bad["std_norm"] is None
     assert rows[(2, "residual")]["nan"] + rows[(2, "residual")]["inf"] == 16
     # such rows still go into a strict-JSON signature and the CSV / plot
-    from npu_fp.activations import write_activation_outputs
+    from npu_fp.report.activation_report import write_activation_outputs
     from npu_fp.signature import dumps
 
     assert '"mean_norm": null' in dumps({"activations": {"rows": result.rows}})

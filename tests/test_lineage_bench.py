@@ -51,7 +51,7 @@ def test_bad_manifests_are_named(tmp_path: Path, doc: dict, why: str) -> None:
 
 @pytest.mark.slow
 def test_benchmark_on_a_labelled_zoo(tmp_path: Path) -> None:
-    from npu_fp.lineage_bench import benchmark
+    from npu_fp.commands import benchmark
 
     base = write_base(tmp_path / "base", 31)
     other = write_base(tmp_path / "other", 32)

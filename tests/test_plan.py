@@ -6,7 +6,7 @@ import pytest
 
 from npu_fp.arch.base import TensorRole
 from npu_fp.io.safetensors_header import TensorRef
-from npu_fp.plan import make_plan, segment_rows
+from npu_fp.plan import longest_first, make_plan, segment_rows
 
 
 def ref(name: str, rows: int, cols: int = 64, width: int = 2) -> TensorRef:
@@ -84,3 +84,39 @@ def test_expert_groups_stay_on_one_rank(world: int) -> None:
 def test_invalid_world_size() -> None:
     with pytest.raises(ValueError, match="world_size"):
         make_plan([ref("a", 1)], {}, 0, 4096)
+
+
+def test_longest_first_by_hand() -> None:
+    # 5 -> r0; 3 -> r1; 3 -> r1 (3 < 5); 2 -> r0 (5 < 6); 1 -> r1 (6 < 7)
+    assert longest_first([5, 3, 3, 2, 1], 2) == [[0, 3], [1, 2, 4]]
+    # ties go to the lower index and the lower rank; more ranks than items leave ranks empty
+    assert longest_first([1, 1, 1], 2) == [[0, 2], [1]]
+    assert longest_first([4], 3) == [[0], [], []]
+    assert longest_first([], 2) == [[], []]
+
+
+def test_longest_first_balances_within_graham_bound() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        costs = [rng.randint(0, 1000) for _ in range(rng.randint(1, 40))]
+        world = rng.randint(1, 6)
+        out = longest_first(costs, world)
+        assert sorted(i for r in out for i in r) == list(range(len(costs)))
+        loads = [sum(costs[i] for i in r) for r in out]
+        # LPT is within 4/3 of the optimum, which is at least max(mean load, largest item)
+        lower = max(sum(costs) / world, max(costs))
+        assert max(loads) <= 4 / 3 * lower + 1e-9
+
+
+def test_plan_and_compare_share_the_assignment() -> None:
+    import inspect
+
+    from npu_fp.compare import job
+
+    refs = [ref(f"t{i}", 10 * (i % 4 + 1), 8) for i in range(9)]
+    plan = make_plan(refs, {}, 3, 1 << 20)
+    costs = [it.nbytes for it in plan.items]
+    assert [list(a) for a in plan.assignment] == longest_first(costs, 3)
+    assert "longest_first(" in inspect.getsource(job._run_phase)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,8 @@ from conftest import REPO, TINY_SHAPE, run_cli
 from test_fingerprint_job import SMALL, small_cfg
 
 from npu_fp import zoo
+from npu_fp.commands import fingerprint
 from npu_fp.compare.inputs import stale_reason
-from npu_fp.fingerprint import fingerprint
 from npu_fp.io import rundir
 from npu_fp.io.stamp import StaleSignatureError, file_stamp, windows
 from npu_fp.signature import load_signature
@@ -156,7 +157,7 @@ def test_full_disk_while_staging_leaves_nothing(
         (out_dir / "signature.json").write_text('{"half": ')  # what a full disk leaves
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_dir / "signature.json"))
 
-    monkeypatch.setattr("npu_fp.fingerprint.write_signature", full)
+    monkeypatch.setattr("npu_fp.commands.write_signature", full)
     with pytest.raises(OSError, match="No space left"):
         fingerprint(small_cfg(dense, tmp_path))
     assert outputs(tmp_path) == set() and not list(tmp_path.glob(".staging-*"))
@@ -262,8 +263,7 @@ def test_partials_of_other_inputs_are_not_reused(dense: Path, tmp_path: Path) ->
 
 def _cfg(model: Path, out: Path, chunk_elems: int):
     cfg = small_cfg(model, out)
-    cfg.stats.chunk_elems = chunk_elems
-    return cfg
+    return replace(cfg, stats=replace(cfg.stats, chunk_elems=chunk_elems))
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from typing import Literal
 
 Kind = Literal["weight", "aux", "scale", "mtp"]
 
-# Canonical role vocabulary (reference/checkpoint-layouts.md, section 2). Experts use
+# Canonical role vocabulary, one name per function in the layer whatever the family. Experts use
 # "moe.expert.{gate,up,down}" with `expert` set; shared experts "moe.shared.{gate,up,down}".
 ROLES: frozenset[str] = frozenset(
     {
@@ -68,7 +68,6 @@ ROLES: frozenset[str] = frozenset(
         "moe.expert.gate",
         "moe.expert.up",
         "moe.expert.down",
-        "moe.expert.gate_up",
         "moe.shared.gate",
         "moe.shared.up",
         "moe.shared.down",
@@ -77,6 +76,17 @@ ROLES: frozenset[str] = frozenset(
         "other",
     }
 )
+
+
+# Named role groups: the roles that stages (profiles, plots, pairwise tests) treat together.
+ATTENTION: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.o")
+QKV_BIASES: tuple[str, ...] = ("attn.q_bias", "attn.k_bias", "attn.v_bias")
+ATTENTION_BIASES: tuple[str, ...] = (*QKV_BIASES, "attn.o_bias")
+MLA: tuple[str, ...] = ("attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b")
+DENSE_FFN: tuple[str, ...] = ("mlp.gate", "mlp.up", "mlp.down")
+EXPERT_FFN: tuple[str, ...] = ("moe.expert.gate", "moe.expert.up", "moe.expert.down")
+SHARED_FFN: tuple[str, ...] = ("moe.shared.gate", "moe.shared.up", "moe.shared.down")
+LAYER_NORMS: tuple[str, ...] = ("norm.input", "norm.post_attn", "norm.attn_out", "norm.mlp_out")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +141,17 @@ LAYER_PATTERNS = {
     "bert": re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\."),
 }
 EXPERT_PATTERN = re.compile(r"\.experts\.(\d+)\.")
+
+
+def split_layer_name(name: str, layer: int) -> tuple[str, str]:
+    """(stack prefix, name inside the layer) of a tensor of `layer`: `model.layers.3.mlp.x` ->
+    (`model.`, `mlp.x`); `bert.encoder.layer.0.output.dense.weight` -> (`bert.`, ...)."""
+    for pattern in LAYER_PATTERNS.values():
+        for m in pattern.finditer(name):
+            if int(m.group(1)) == layer:
+                start = m.start() + (name[m.start()] == ".")
+                return name[:start], name[m.end() :]
+    raise ValueError(f"{name}: no layer index {layer} in the name")
 
 
 def contiguous_parts(sizes: list[tuple[str, str, int]], dim: int = 0) -> tuple[PartSpec, ...]:

@@ -1,6 +1,6 @@
 """BERT-family encoders (BERT, RoBERTa, XLM-R): post-norm, optional `bert.` / `roberta.` prefix.
 
-Post-norm has no exact pre-norm analogue; by convention (layouts doc 3.14) the LayerNorm after
+Post-norm has no exact pre-norm analogue; by convention the LayerNorm after
 attention, which feeds the FFN, is `norm.post_attn` and the one after the FFN is `norm.mlp_out`.
 Task heads (`cls.*`, `lm_head.*`, `classifier.*`, `qa_outputs.*`) are not part of the encoder
 profile and are kept as aux. Old TensorFlow ports name LayerNorm parameters gamma / beta; the

@@ -23,7 +23,7 @@ ATTN = {
 }
 QK_NORM = {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
 DENSE_MLP = {"mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
-# Pre-norm: post_attention_layernorm is the norm in front of the FFN (layouts doc 1.4).
+# Pre-norm: post_attention_layernorm is the norm in front of the FFN.
 PRE_NORM = {"input_layernorm": "norm.input", "post_attention_layernorm": "norm.post_attn"}
 # Sandwich norm: post_attention_layernorm normalises the attention output instead.
 GEMMA_SANDWICH = {

@@ -1,6 +1,6 @@
 """Activation-norm profile scores: the seed HonestAGI construction on per-layer activation norms.
 
-fingerprint-methods.md 1.3: the norm of each layer's activations, normalized across layers the same
+HonestAGI's activation variant: the norm of each layer's activations, normalized across layers the same
 way as the parameter profiles. A signature fingerprinted with `activations.enabled=true` carries,
 per layer and stream (residual, attn, mlp), the mean over tokens of the token L2 norm; per stream
 that sequence goes through exactly the parameter construction (`profiles.construct`: z-scored
@@ -22,9 +22,9 @@ from itertools import combinations
 import numpy as np
 
 from npu_fp.compare.profiles import MIN_LAYERS, VARIANTS, calibrate, construct
+from npu_fp.forward.stream import STREAMS  # the streams the activation step measures
 from npu_fp.signature import Signature
 
-STREAMS = ("residual", "attn", "mlp")
 # what shapes the norms: a difference in any of these makes two profiles incomparable
 COMPARED_SETTINGS = ("corpus_sha256", "batch_size", "seq_len", "num_batches")
 SHOWN_SETTINGS = ("corpus", *COMPARED_SETTINGS, "seed", "dtype")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 
 class CompareInputError(ValueError):
     """A model or signature given to `npu-fp compare` cannot be used; the message says which."""
+
+
+# Fingerprints the model folder (collective over all ranks) into `folder`, where rank 0 writes
+# `signature.json`: (ctx, cfg, model folder, output folder, display name). The command layer
+# supplies it, so compare/ never imports the fingerprint job above it.
+FingerprintFn = Callable[[DistContext, RunConfig, str, Path, str], object]
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def weights_of(sig: Signature) -> tuple[str | None, str]:
     """The model folder behind a signature, if it still holds the fingerprinted files (same
     headers); whether it holds the same bytes is `stale_reason`'s question."""
     path = sig.identity.get("path")
-    if not path or not Path(path).exists():  # a model folder, or a .gguf file
+    if not path or not Path(path).is_dir():
         return None, f"model folder {path!r} of this signature is not available: signature only"
     try:
         src = open_model(path)
@@ -92,14 +99,21 @@ def resolve_entries(
     models: list[str],
     signatures: list[str],
     out_dir: Path,
+    fingerprint: FingerprintFn | None,
     names: list[str] | None = None,
 ) -> list[Entry]:
-    """Fingerprint what is not cached (collective), load every signature; same list on all ranks."""
+    """Fingerprint what is not cached (collective), load every signature; same list on all ranks.
+
+    `fingerprint` is only called for models without a cached signature; without one, models are
+    refused (signatures only)."""
     if len(models) + len(signatures) < 2:
         raise CompareInputError(
             f"compare needs at least two inputs, got {len(models)} model(s) and {len(signatures)} "
-            "signature(s): npu-fp compare models=[DIR1,DIR2] (or signatures=[A.json,B.json])"
+            "signature(s): npu-fp compare compare.models=[DIR1,DIR2] (or "
+            "compare.signatures=[A.json,B.json])"
         )
+    if models and fingerprint is None:
+        raise CompareInputError("this caller compares signatures only; models were given")
     cache = (
         Path(cfg.compare.cache_dir).expanduser()
         if cfg.compare.cache_dir
@@ -110,10 +124,10 @@ def resolve_entries(
     try:
         for m in models:
             if not Path(m).expanduser().exists():
-                raise CompareInputError(f"models: {m} does not exist")
+                raise CompareInputError(f"compare.models: {m} does not exist")
             keys.append(cache_key(str(Path(m).expanduser())))
     except (CheckpointError, OSError, CompareInputError) as e:
-        error = e if isinstance(e, ValueError) else CompareInputError(f"models: {e}")
+        error = e if isinstance(e, ValueError) else CompareInputError(f"compare.models: {e}")
     main_raises_everywhere(ctx, error)
     defaults = [Path(root).name for root, _ in keys]
     sig_docs: list[Signature] = []
@@ -129,7 +143,7 @@ def resolve_entries(
     display = _display_names(cfg, defaults, names)
     entries: list[Entry] = []
     for (root, key), name in zip(keys, display, strict=False):
-        sig_path = cached_signature(ctx, cfg, root, key, cache)
+        sig_path = cached_signature(ctx, cfg, root, key, cache, fingerprint)
         entries.append(Entry(name, str(sig_path), root, f"weights streamed from {root}"))
     for sig, name in zip(sig_docs, display[len(keys) :], strict=True):
         weights, note = weights_of(sig)
@@ -144,7 +158,7 @@ def resolve_entries(
             )
         log.warning("%s is stale (%s): fingerprinting %s again", sig.path, stale, weights)
         root, key = cache_key(weights)
-        fresh = cached_signature(ctx, cfg, root, key, cache)
+        fresh = cached_signature(ctx, cfg, root, key, cache, fingerprint)
         entries.append(
             Entry(name, str(fresh), root, f"signature stale ({stale}); fingerprinted again")
         )
@@ -156,7 +170,14 @@ def stale_reason(sig: Signature, root: str) -> str | None:
     return stamp_mismatch(sig.identity.get("files", []), root)
 
 
-def cached_signature(ctx: DistContext, cfg: RunConfig, root: str, key: str, cache: Path) -> Path:
+def cached_signature(
+    ctx: DistContext,
+    cfg: RunConfig,
+    root: str,
+    key: str,
+    cache: Path,
+    fingerprint: FingerprintFn | None,
+) -> Path:
     """The signature of `root` under the cache, fingerprinted first unless cached (collective)."""
     folder = cache / f"{Path(root).name}-{key[:16]}"
     sig_path = folder / "signature.json"
@@ -169,9 +190,11 @@ def cached_signature(ctx: DistContext, cfg: RunConfig, root: str, key: str, cach
             log.warning("cached signature unusable, fingerprinting again: %s", e)
     barrier(ctx)  # every rank has decided before anyone writes the cache
     if not reuse:
-        from npu_fp.fingerprint import fingerprint_model
-
-        fingerprint_model(ctx, cfg, root, folder, Path(root).name)
+        if fingerprint is None:
+            raise CompareInputError(
+                f"{root}: no cached signature, and this caller compares signatures only"
+            )
+        fingerprint(ctx, cfg, root, folder, Path(root).name)
         barrier(ctx)
     else:
         log.info("%s: reusing cached signature %s", root, sig_path)

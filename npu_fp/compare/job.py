@@ -1,4 +1,5 @@
-"""`npu-fp compare`: fingerprint what is missing, test every pair, write the report.
+"""The comparison stage of `npu-fp compare`: fingerprint what is missing, test every pair, and
+assemble the report document (npu_fp.report writes it).
 
 Phases, each sharded over ranks by estimated bytes (greedy, deterministic) and gathered to rank 0:
   A. per pair: vocabulary alignment of the residual streams (+ untied head test);
@@ -18,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from npu_fp.compare.inputs import Entry, resolve_entries
+from npu_fp.arch.base import ATTENTION
+from npu_fp.compare.assemble import assemble
+from npu_fp.compare.inputs import Entry, FingerprintFn, resolve_entries
 from npu_fp.compare.pairwork import Prep, layer_pair, layer_sketch, prepare
 from npu_fp.compare.profiles import load_bank
 from npu_fp.compare.tensors import ModelView, open_view
@@ -27,30 +30,14 @@ from npu_fp.config import RunConfig
 from npu_fp.dist import (
     DistContext,
     broadcast_object,
-    distributed,
     gather_objects_to_main,
     main_raises_everywhere,
 )
-from npu_fp.io import rundir
 from npu_fp.io.safetensors_header import CheckpointError
+from npu_fp.plan import longest_first
 from npu_fp.signature import load_signature
 
 log = logging.getLogger(__name__)
-
-
-def compare(cfg: RunConfig) -> Path:
-    """The command body: returns OUT/report.json (written by rank 0)."""
-    from npu_fp.logs import setup_rank_logging
-
-    out = Path(cfg.out_dir)
-    with distributed(cfg.device, cfg.dist.timeout_s) as ctx:
-        setup_rank_logging(out, ctx.rank)
-        report = compare_models(ctx, cfg, list(cfg.models), list(cfg.signatures), out)
-        if report is not None:
-            from npu_fp.report.compare_report import verdict_summary
-
-            print(verdict_summary(report))
-    return out / "report.json"
 
 
 class _Views:
@@ -69,20 +56,10 @@ class _Views:
             v.close()
 
 
-def assign(costs: list[int], world: int) -> list[list[int]]:
-    """Longest first onto the least-loaded rank; a pure function of the costs."""
-    load, out = [0] * world, [[] for _ in range(world)]
-    for i in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        out[r].append(i)
-        load[r] += costs[i]
-    return [sorted(x) for x in out]
-
-
 def _run_phase(ctx: DistContext, items: list[Any], costs: list[int], fn, label: str) -> dict | None:
     """Run this rank's share of `items`; rank 0 gets {item: result} for all of them."""
     t0 = time.perf_counter()
-    mine = assign(costs, ctx.world_size)[ctx.rank] if items else []
+    mine = longest_first(costs, ctx.world_size)[ctx.rank] if items else []
     results, error = {}, None
     try:
         for i in mine:
@@ -135,31 +112,20 @@ def compare_models(
     models: list[str],
     signatures: list[str],
     out_dir: Path,
+    fingerprint: FingerprintFn | None = None,
     names: list[str] | None = None,
     only: set[frozenset[str]] | None = None,
-) -> Path | None:
-    """Collective: compare every pair; rank 0 writes the report and returns its path.
+) -> dict | None:
+    """Collective: compare every pair; rank 0 returns the report document, the others None.
 
-    Rank 0 holds OUT for the whole run and commits the report's files as one set (io/rundir.py)."""
-    with rundir.claimed(out_dir, ctx.is_main, lambda e: main_raises_everywhere(ctx, e)):
-        return _compare_models(ctx, cfg, models, signatures, out_dir, names, only)
-
-
-def _compare_models(
-    ctx: DistContext,
-    cfg: RunConfig,
-    models: list[str],
-    signatures: list[str],
-    out_dir: Path,
-    names: list[str] | None,
-    only: set[frozenset[str]] | None,
-) -> Path | None:
+    Models without a cached signature (under `compare.cache_dir`, default `out_dir/signatures`)
+    are fingerprinted with `fingerprint`; signatures are used as they are."""
     t_start = time.perf_counter()
     cc = cfg.compare
     device = ctx.device.torch
     # a bad bank folder fails here, on every rank, before any work
     bank = load_bank(cc.bank) if cc.bank else None
-    entries = resolve_entries(ctx, cfg, models, signatures, out_dir, names)
+    entries = resolve_entries(ctx, cfg, models, signatures, out_dir, fingerprint, names)
     t_fp = time.perf_counter() - t_start
     pairs = canonical_pairs(entries)
     if only is not None:  # a labelled benchmark asks for some pairs, not all N^2 / 2
@@ -195,9 +161,7 @@ def _compare_models(
 
         def sk_cost(item: tuple) -> int:
             k, side, layer = item
-            return sum(
-                view_of(k, side).nbytes(layer, r) for r in ("attn.q", "attn.k", "attn.v", "attn.o")
-            )
+            return sum(view_of(k, side).nbytes(layer, r) for r in ATTENTION)
 
         def do_sketch(item: tuple) -> dict:
             k, side, layer = item
@@ -233,20 +197,13 @@ def _compare_models(
         views.close()
     if not ctx.is_main:
         return None
-    from npu_fp.compare.assemble import assemble
-
     timing = {
         "fingerprint_s": round(t_fp, 3),
         "pairwise_s": round(time.perf_counter() - t_start - t_fp, 3),
         "world_size": ctx.world_size,
         "device": ctx.device.type,
     }
-    doc = assemble(cfg, entries, pairs, preps, matching, layer_results, _blocked, timing, bank)
-    from npu_fp.report.compare_report import write_report
-
-    with rundir.staged_outputs(out_dir) as stage:
-        write_report(doc, stage)
-    return out_dir / "report.json"
+    return assemble(cfg, entries, pairs, preps, matching, layer_results, _blocked, timing, bank)
 
 
 def _layer_matching(

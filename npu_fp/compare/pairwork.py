@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from npu_fp.arch.base import ATTENTION
 from npu_fp.compare.align import Residual, align_pair
 from npu_fp.compare.exact import identity_test
 from npu_fp.compare.tensors import ModelView
 from npu_fp.compare.units import (
+    READERS,
     block_test,
     head_test,
     inplace_test,
@@ -26,7 +28,7 @@ from npu_fp.config import CompareConfig
 
 log = logging.getLogger(__name__)
 
-ATTN = ("attn.q", "attn.k", "attn.v", "attn.o")
+ATTN = ATTENTION
 FFN = {"gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
 SHARED = {"gate": "moe.shared.gate", "up": "moe.shared.up", "down": "moe.shared.down"}
 EXPERT = {"gate": "moe.expert.gate", "up": "moe.expert.up", "down": "moe.expert.down"}
@@ -96,8 +98,6 @@ class _Layer:
 
 
 def _residual_fits(m: torch.Tensor, role: str, res: Residual, side: str) -> bool:
-    from npu_fp.compare.units import READERS
-
     dim = m.shape[1] if role in READERS else m.shape[0]
     idx = res.idx_a if side == "a" else res.idx_b
     return bool(idx) and max(idx) < dim

@@ -1,6 +1,6 @@
 """Profile scores from signatures: the HonestAGI statistic exactly, its variants, raw scales.
 
-`honestagi_score` is the published construction (fingerprint-methods.md, 1.2): per-layer std of
+`honestagi_score` is the published construction (HonestAGI's parameter profile): per-layer std of
 Q, K, V, O; z-scored across layers; the shorter profile resampled onto the longer with `np.interp`
 at `linspace(0, L_short - 1, L_long)`; Pearson per matrix type; the mean of the four. The same
 construction runs on q/k/v biases, attention / FFN norms, the FFN and the pooled MoE experts, with
@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from npu_fp.arch.base import ATTENTION, DENSE_FFN, EXPERT_FFN, LAYER_NORMS, QKV_BIASES
 from npu_fp.signature import Signature, SignatureError, load_signature
 
 log = logging.getLogger(__name__)
 
-ATTN = ("attn.q", "attn.k", "attn.v", "attn.o")
-BIASES = ("attn.q_bias", "attn.k_bias", "attn.v_bias")
-NORMS = ("norm.input", "norm.post_attn")
-DENSE_FFN = ("mlp.gate", "mlp.up", "mlp.down")
-EXPERT_FFN = ("moe.expert.gate", "moe.expert.up", "moe.expert.down")
+ATTN = ATTENTION
+BIASES = QKV_BIASES
+NORMS = LAYER_NORMS[:2]  # the pre-norms every family has
 MIN_LAYERS = 3
 Corr = Callable[[np.ndarray, np.ndarray], float]
 

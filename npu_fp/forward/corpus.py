@@ -17,9 +17,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from pydoc_data.topics import topics
+from typing import BinaryIO
 
 import torch
+from tokenizers import Tokenizer
 
 from npu_fp.forward.errors import CorpusError, TokenizerError, TokenizerMissingError
 from npu_fp.io.validate import (
@@ -32,9 +34,6 @@ from npu_fp.io.validate import (
     open_regular,
     read_regular,
 )
-
-if TYPE_CHECKING:
-    from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,6 @@ class TokenBatches:
 
 def load_tokenizer(model_root: str | Path) -> Tokenizer:
     """The checkpoint's `tokenizer.json`, through the `tokenizers` library."""
-    from tokenizers import Tokenizer
-
     path = Path(model_root) / "tokenizer.json"
     if not exists(path):
         raise TokenizerMissingError(
@@ -107,8 +104,6 @@ def iter_documents(corpus: str | None) -> tuple[str, Iterator[str]]:
 
 
 def _embedded_documents() -> Iterator[str]:
-    from pydoc_data.topics import topics
-
     for key in sorted(topics):
         yield topics[key]
 

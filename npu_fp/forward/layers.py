@@ -1,17 +1,18 @@
 """Architectures with a layer-streamed forward, and one layer at a time built from streamed weights.
 
-Each family names the transformers module whose decoder (or encoder) layer is reused, where its
-attention and MLP branches sit (for the norm hooks) and how checkpoint names map onto the layer's
-state dict. A layer is constructed on the `meta` device from the model's config, its tensors are read
-from the checkpoint straight onto the device, and `load_state_dict(assign=True)` binds them, so no
-weights are ever initialised or held twice. Pangu Pro MoE has no transformers module; its layer lives
-in `pangu.py`.
+Which tensors form layer L, and the MoE expert groups, come from the architecture registry
+(`npu_fp.arch.map_roles`), the same role map the fingerprint uses. A `ForwardFamily` adds only what
+running the layer needs: the transformers module whose decoder (or encoder) layer is reused, where
+its attention and MLP branches sit (for the norm hooks) and how checkpoint names map onto that
+module's state dict. A layer is constructed on the `meta` device from the model's config, its
+tensors are read from the checkpoint straight onto the device, and `load_state_dict(assign=True)`
+binds them, so no weights are ever initialised or held twice. Pangu Pro MoE has no transformers
+module; its layer lives in `pangu.py`.
 """
 
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from npu_fp.arch import map_roles
+from npu_fp.arch.base import RoleMap, split_layer_name
 from npu_fp.device import Device
 from npu_fp.forward.errors import UnsupportedArchitectureError, WeightLayoutError
 from npu_fp.forward.weights import WeightReader, map_layer
@@ -26,14 +29,13 @@ from npu_fp.io.safetensors_header import TensorRef
 
 
 @dataclass(frozen=True, slots=True)
-class Family:
+class ForwardFamily:
     name: str
     model_types: tuple[str, ...]
     hf_module: str  # transformers.models.<hf_module>.modeling_<hf_module>
     config_cls: str
     layer_cls: str
     rotary_cls: str | None  # None: no rotary embedding (BERT: learned absolute positions)
-    layer_re: str = r"layers"  # the stack's name in tensor names
     attn_path: str = "self_attn"  # module whose output is the attention branch
     mlp_path: str = "mlp"  # module whose output is the MLP / MoE branch
     renames: tuple[tuple[str, str], ...] = ()
@@ -43,8 +45,8 @@ class Family:
     architectures: tuple[str, ...] = field(default=())
 
 
-FAMILIES: tuple[Family, ...] = (
-    Family(
+FAMILIES: tuple[ForwardFamily, ...] = (
+    ForwardFamily(
         "llama",
         ("llama",),
         "llama",
@@ -53,7 +55,7 @@ FAMILIES: tuple[Family, ...] = (
         "LlamaRotaryEmbedding",
         architectures=("LlamaForCausalLM",),
     ),
-    Family(
+    ForwardFamily(
         "mistral",
         ("mistral",),
         "mistral",
@@ -62,7 +64,7 @@ FAMILIES: tuple[Family, ...] = (
         "MistralRotaryEmbedding",
         architectures=("MistralForCausalLM",),
     ),
-    Family(
+    ForwardFamily(
         "qwen2",
         ("qwen2",),
         "qwen2",
@@ -71,7 +73,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen2RotaryEmbedding",
         architectures=("Qwen2ForCausalLM",),
     ),
-    Family(
+    ForwardFamily(
         "qwen3",
         ("qwen3",),
         "qwen3",
@@ -80,7 +82,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen3RotaryEmbedding",
         architectures=("Qwen3ForCausalLM",),
     ),
-    Family(
+    ForwardFamily(
         "mixtral",
         ("mixtral",),
         "mixtral",
@@ -90,7 +92,7 @@ FAMILIES: tuple[Family, ...] = (
         renames=(("block_sparse_moe.", "mlp."),),
         architectures=("MixtralForCausalLM",),
     ),
-    Family(
+    ForwardFamily(
         "qwen2_moe",
         ("qwen2_moe",),
         "qwen2_moe",
@@ -99,7 +101,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen2MoeRotaryEmbedding",
         architectures=("Qwen2MoeForCausalLM",),
     ),
-    Family(
+    ForwardFamily(
         "qwen3_moe",
         ("qwen3_moe",),
         "qwen3_moe",
@@ -108,7 +110,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen3MoeRotaryEmbedding",
         architectures=("Qwen3MoeForCausalLM",),
     ),
-    Family(
+    ForwardFamily(
         "deepseek_v3",
         ("deepseek_v3",),
         "deepseek_v3",
@@ -119,21 +121,20 @@ FAMILIES: tuple[Family, ...] = (
         optional=("e_score_correction_bias",),
         architectures=("DeepseekV3ForCausalLM",),
     ),
-    Family(
+    ForwardFamily(
         "bert",
         ("bert",),
         "bert",
         "BertConfig",
         "BertLayer",
         None,
-        layer_re=r"encoder\.layer",
         attn_path="attention.output.dense",
         mlp_path="output.dense",
         encoder=True,
         renames=((".gamma", ".weight"), (".beta", ".bias")),
         architectures=("BertModel", "BertForMaskedLM", "BertForPreTraining"),
     ),
-    Family(
+    ForwardFamily(
         "pangu_moe",
         ("PanguProMoE", "pangu_pro_moe", "pangu_moe"),
         "llama",
@@ -145,7 +146,7 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-def resolve_family(config: dict, where: str = "config.json") -> Family:
+def resolve_family(config: dict, where: str = "config.json") -> ForwardFamily:
     model_type = str(config.get("model_type", ""))
     archs = [str(a) for a in config.get("architectures") or []]
     for fam in FAMILIES:
@@ -158,19 +159,20 @@ def resolve_family(config: dict, where: str = "config.json") -> Family:
     )
 
 
-def _modeling(family: Family) -> Any:
+def _modeling(family: ForwardFamily) -> Any:
     return importlib.import_module(
         f"transformers.models.{family.hf_module}.modeling_{family.hf_module}"
     )
 
 
-def build_hf_config(family: Family, config: dict) -> Any:
+def build_hf_config(family: ForwardFamily, config: dict) -> Any:
     if family.name == "pangu_moe":
+        # optional: pangu.py builds on transformers (the `forward` extra), loaded on first use
         from npu_fp.forward.pangu import pangu_config
 
         hf = pangu_config(config)
     else:
-        import transformers
+        import transformers  # optional: the `forward` extra, loaded on first use
 
         keep = {k: v for k, v in config.items() if k not in ("auto_map", "quantization_config")}
         hf = getattr(transformers, family.config_cls).from_dict(keep)
@@ -180,8 +182,9 @@ def build_hf_config(family: Family, config: dict) -> Any:
     return hf
 
 
-def _layer_factory(family: Family) -> Callable[[Any, int], nn.Module]:
+def _layer_factory(family: ForwardFamily) -> Callable[[Any, int], nn.Module]:
     if family.name == "pangu_moe":
+        # optional: pangu.py builds on transformers (the `forward` extra)
         from npu_fp.forward.pangu import PanguProMoEDecoderLayer
 
         return PanguProMoEDecoderLayer
@@ -189,25 +192,25 @@ def _layer_factory(family: Family) -> Callable[[Any, int], nn.Module]:
 
 
 def find_layer_tensors(
-    family: Family, tensors: dict[str, TensorRef], num_layers: int, where: str
+    rolemap: RoleMap, tensors: dict[str, TensorRef], num_layers: int, where: str
 ) -> tuple[str, dict[int, dict[str, TensorRef]]]:
-    """(name prefix of the stack, {layer: {name within the layer: ref}}) for layers 0..n-1."""
-    rx = re.compile(rf"^(.*?){family.layer_re}\.(\d+)\.(.+)$")
+    """(name prefix of the stack, {layer: {name within the layer: ref}}) for layers 0..n-1, as
+    the architecture registry (npu_fp.arch) placed the tensors in layers."""
     by_prefix: dict[str, dict[int, dict[str, TensorRef]]] = {}
-    for name, ref in tensors.items():
-        m = rx.match(name)
-        if m:
-            by_prefix.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = ref
+    for name, role in rolemap.roles.items():
+        # MTP blocks past the last decoder layer (DeepSeek-V3 layer 61) are not in the forward
+        if role.layer is None or role.kind == "mtp" or role.layer >= num_layers:
+            continue
+        prefix, local = split_layer_name(name, role.layer)
+        by_prefix.setdefault(prefix, {}).setdefault(role.layer, {})[local] = tensors[name]
     full = [p for p, layers in by_prefix.items() if set(range(num_layers)) <= set(layers)]
     if len(full) != 1:
         found = {p: len(v) for p, v in by_prefix.items()}
         raise WeightLayoutError(
-            f"{where}: expected one stack `<prefix>{family.layer_re.replace(chr(92), '')}.N.` "
-            f"holding layers 0..{num_layers - 1} (num_hidden_layers), found {found or 'none'}"
+            f"{where}: expected one stack of layers 0..{num_layers - 1} (num_hidden_layers), "
+            f"found {found or 'none'} (stack prefix: layers)"
         )
-    prefix = full[0]
-    # MTP blocks past the last decoder layer (DeepSeek-V3 layer 61) are not part of the forward
-    return prefix, {i: by_prefix[prefix][i] for i in range(num_layers)}
+    return full[0], by_prefix[full[0]]
 
 
 class StreamModel:
@@ -224,6 +227,10 @@ class StreamModel:
     ) -> None:
         self.family = resolve_family(config, where)
         self.hf_config = build_hf_config(self.family, config)
+        try:  # the one architecture registry: which tensors sit in which layer, expert groups
+            self.rolemap = map_roles(config, {n: r.shape for n, r in tensors.items()})
+        except ValueError as e:
+            raise WeightLayoutError(f"{where}: {e}") from None
         self.num_layers = int(self.hf_config.num_hidden_layers)
         self.hidden_size = int(self.hf_config.hidden_size)
         self.device = device
@@ -231,7 +238,7 @@ class StreamModel:
         self.where = where
         self.tensors = tensors
         self.prefix, self.layer_tensors = find_layer_tensors(
-            self.family, tensors, self.num_layers, where
+            self.rolemap, tensors, self.num_layers, where
         )
         self._factory = _layer_factory(self.family)
         self.reader = WeightReader(tensors, device, read_bytes)
@@ -267,12 +274,8 @@ class StreamModel:
         return max(self.layer_experts.values(), default=0)
 
     def experts_per_group(self) -> int | None:
-        c = self.hf_config
-        if self.family.name == "pangu_moe":
-            return c.num_experts // c.num_experts_per_tok
-        if self.family.name == "deepseek_v3" and getattr(c, "n_group", None):
-            return c.n_routed_experts // c.n_group
-        return None
+        """Routing is reported per expert group where the architecture registry sees groups."""
+        return self.rolemap.experts_per_group or None
 
     def layer_bytes(self, i: int) -> int:
         return sum(r.nbytes for r in self.layer_tensors[i].values())
@@ -350,6 +353,7 @@ class StreamModel:
     def _make_kwargs(self, batch: int, seq: int) -> list[dict[str, Any]]:
         if self.family.encoder:
             return [{"attention_mask": None}]
+        # optional: transformers is the `forward` extra, loaded on first use
         from transformers.masking_utils import (
             create_causal_mask,
             create_sliding_window_causal_mask,

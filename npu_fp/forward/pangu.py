@@ -3,7 +3,7 @@
 transformers has no Pangu Pro MoE, so the layer is assembled here: attention is transformers'
 `LlamaAttention` with biases on q, k, v and o (`attention_bias=True`, head_dim = hidden / heads, as
 in the release), RMSNorm pre-norm, and the Mixture-of-Grouped-Experts block routed exactly as the
-release routes (checkpoint-layouts.md 3.1):
+release's `modeling_pangu_moe.py` routes:
 
 - softmax over all router logits in fp32;
 - the experts are split into `num_groups` contiguous groups and the top-1 inside each group is
@@ -27,6 +27,7 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
 
+from npu_fp.arch.moe import pangu_group_size
 from npu_fp.forward.errors import UnsupportedArchitectureError
 
 # PanguProMoEConfig defaults of the release; config.json overrides every one of them
@@ -55,11 +56,13 @@ def pangu_config(config: dict) -> LlamaConfig:
             f"Pangu Pro MoE config: num_experts={c['num_experts']} is not a multiple of "
             f"num_experts_per_tok={c['num_experts_per_tok']} (one expert per group)"
         )
-    groups = config.get("num_groups", c["num_experts_per_tok"])
+    # the expert groups are those of the fingerprint (npu_fp.arch decides them)
+    groups = c["num_experts"] // pangu_group_size({**config, "num_experts": c["num_experts"]})
     if groups != c["num_experts_per_tok"]:
         raise UnsupportedArchitectureError(
-            f"Pangu Pro MoE config: num_groups={groups} differs from num_experts_per_tok="
-            f"{c['num_experts_per_tok']}; MoGE routes exactly one expert per group"
+            f"Pangu Pro MoE config: {groups} expert groups (num_groups / experts_per_group) differ "
+            f"from num_experts_per_tok={c['num_experts_per_tok']}; MoGE routes exactly one expert "
+            "per group"
         )
     hf = LlamaConfig(
         vocab_size=c["vocab_size"],

@@ -129,17 +129,3 @@ def reduce_tables(ctx: DistContext, tables: NormTables) -> NormTables:
     tables.norms = reduce_rows_to_main(ctx, tables.norms)
     tables.routing = reduce_rows_to_main(ctx, tables.routing)
     return tables
-    if ctx.is_main:
-        norms, routing = torch.empty_like(tables.norms), torch.empty_like(tables.routing)
-        for src in range(1, ctx.world_size):
-            dist.recv(norms, src=src)
-            dist.recv(routing, src=src)
-            tables.norms += norms
-            tables.routing += routing
-        for dst in range(1, ctx.world_size):
-            dist.send(torch.ones(1), dst=dst)
-    else:
-        dist.send(tables.norms, dst=0)
-        dist.send(tables.routing, dst=0)
-        dist.recv(torch.empty(1), src=0)
-    return tables

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def temporary_sibling(target: Path) -> str:
+    """Create an empty, unique file next to `target` with mode 0666 less the umask, as `open`
+    would give the final file (tempfile.mkstemp creates 0600 files, whatever the umask)."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
 
 
 @contextlib.contextmanager
@@ -14,8 +28,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it vanishes."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = temporary_sibling(target)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 from npu_fp.io.atomic import write_text_atomic
@@ -22,10 +21,6 @@ def _clean(x: object) -> object:
     if hasattr(x, "item") and callable(x.item):  # numpy scalars
         return _clean(x.item())
     return x
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
 def _p(pair: dict) -> str:

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from npu_fp.io.atomic import write_with_atomic  # noqa: E402
-from npu_fp.signature import Signature  # noqa: E402
+from npu_fp.arch.base import (
+    ATTENTION,
+    ATTENTION_BIASES,
+    DENSE_FFN,
+    EXPERT_FFN,
+    LAYER_NORMS,
+    MLA,
+    SHARED_FFN,
+)
+from npu_fp.io.atomic import write_with_atomic
+from npu_fp.signature import Signature
 
 PANELS = {
-    "attention": ("attn.q", "attn.k", "attn.v", "attn.o"),
-    "attention biases": ("attn.q_bias", "attn.k_bias", "attn.v_bias", "attn.o_bias"),
-    "MLA": ("attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b"),
-    "FFN": ("mlp.gate", "mlp.up", "mlp.down"),
-    "MoE experts (pooled)": ("moe.expert.gate", "moe.expert.up", "moe.expert.down"),
-    "shared experts / router": (
-        "moe.shared.gate",
-        "moe.shared.up",
-        "moe.shared.down",
-        "moe.router",
-    ),
-    "norms": ("norm.input", "norm.post_attn", "norm.attn_out", "norm.mlp_out"),
+    "attention": ATTENTION,
+    "attention biases": ATTENTION_BIASES,
+    "MLA": MLA,
+    "FFN": DENSE_FFN,
+    "MoE experts (pooled)": EXPERT_FFN,
+    "shared experts / router": (*SHARED_FFN, "moe.router"),
+    "norms": LAYER_NORMS,
 }
 
 
@@ -35,7 +36,9 @@ def plot_profiles(sigs: list[Signature], path: Path, stat: str = "std") -> Path:
     ]
     panels = [(t, roles) for t, roles in panels if roles]
     n = max(1, len(panels))
-    fig, axes = plt.subplots(n, 1, figsize=(8, 2.4 * n), squeeze=False)
+    # a bare Figure renders with the Agg canvas without pyplot: no process-wide backend is set
+    fig = Figure(figsize=(10, 2.4 * n))
+    axes = fig.subplots(n, 1, squeeze=False)
     for ax, (title, roles) in zip(axes[:, 0], panels, strict=False):
         for sig in sigs:
             for role in roles:
@@ -44,11 +47,12 @@ def plot_profiles(sigs: list[Signature], path: Path, stat: str = "std") -> Path:
                 label = f"{sig.name}: {role}" if len(sigs) > 1 else role
                 ax.plot(xs, [ys[i] for i in xs], marker=".", label=label)
         ax.set_title(f"{title}: per-layer {stat}")
-        ax.set_xlabel("layer")
-        ax.legend(fontsize=6, ncol=2)
+        ax.set_xlabel("layer (0-based)")
+        ax.set_ylabel(f"weight {stat} (weight units)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=6, ncol=1, loc="center left", bbox_to_anchor=(1.0, 0.5))
     if not panels:
         axes[0, 0].text(0.5, 0.5, "no per-layer roles", ha="center")
     fig.tight_layout()
-    write_with_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
+    write_with_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
     return path

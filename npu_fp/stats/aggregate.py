@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from npu_fp.arch.base import TensorRole
+from npu_fp.arch.base import EXPERT_FFN, TensorRole
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.stats.moments import Moments, finish
 
-EXPERT_ROLES = ("moe.expert.gate", "moe.expert.up", "moe.expert.down")
+EXPERT_ROLES = EXPERT_FFN
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class TensorStats:
     ref: TensorRef
     role: TensorRole
