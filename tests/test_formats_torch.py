@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import pickle
 import shutil
 import sys
@@ -12,6 +14,7 @@ import pytest
 import torch
 from conftest import run_cli
 from formats_helpers import as_bin, assert_same_stats, fingerprint_rows
+from safetensors.torch import load_file, save_file
 
 from npu_fp.activations import run_activations
 from npu_fp.config import ActivationsConfig
@@ -167,9 +170,35 @@ def _short_storage(tmp_path: Path) -> Path:
 
 
 def _mixed(tmp_path: Path) -> Path:
+    """A .bin model beside a safetensors file that is not a model's (no index, no
+    model.safetensors): not a complete set, so nothing says which one to read."""
     d = as_bin(FIXTURES / "llama_fp32_crc_safetensors", tmp_path / "model")
-    shutil.copy(FIXTURES / "llama_fp32_crc_safetensors" / "model.safetensors", d)
+    shutil.copy(
+        FIXTURES / "llama_fp32_crc_safetensors" / "model.safetensors", d / "adapter.safetensors"
+    )
     return d
+
+
+def _sharded_st_beside_bin(tmp_path: Path, drop_shard: bool = False) -> Path:
+    """A Hugging Face repo layout: a sharded safetensors set and a sharded .bin set together."""
+    src = FIXTURES / "llama_fp32_crc_safetensors"
+    d = as_bin(src, tmp_path / "model", shards=2)
+    sd = load_file(str(src / "model.safetensors"))
+    names = sorted(sd)
+    weight_map = {}
+    for i in range(2):
+        fname = f"model-{i + 1:05d}-of-00002.safetensors"
+        part = {n: sd[n] for n in names[i::2]}
+        save_file(part, str(d / fname))
+        weight_map |= dict.fromkeys(part, fname)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if drop_shard:
+        (d / "model-00002-of-00002.safetensors").unlink()
+    return d
+
+
+def _incomplete_st_beside_bin(tmp_path: Path) -> Path:
+    return _sharded_st_beside_bin(tmp_path, drop_shard=True)
 
 
 BAD: dict[str, tuple[object, list[str]]] = {
@@ -184,8 +213,35 @@ BAD: dict[str, tuple[object, list[str]]] = {
     "corrupt pickle": (_corrupt_pickle, ["pytorch_model.bin", "pickle"]),
     "non-contiguous view": (_non_contiguous, ["tensor 'w.weight'", "non-contiguous"]),
     "short storage": (_short_storage, ["tensor 'w.weight'", "its zip entry holds 16"]),
-    "mixed formats": (_mixed, ["several formats", "torch: pytorch_model.bin"]),
+    "mixed formats": (
+        _mixed,
+        ["several formats", "torch: pytorch_model.bin", "incomplete: no model.safetensors"],
+    ),
+    "incomplete safetensors set beside .bin": (
+        _incomplete_st_beside_bin,
+        ["several formats", "names missing shards model-00002-of-00002.safetensors"],
+    ),
 }
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_complete_safetensors_set_beside_bin_is_read(
+    tmp_path: Path, sharded: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both sets of a Hugging Face repo: the safetensors one is read, with the same statistics
+    as the safetensors folder alone; the choice is logged."""
+    st = FIXTURES / "llama_fp32_crc_safetensors"
+    if sharded:
+        d = _sharded_st_beside_bin(tmp_path)
+    else:
+        d = as_bin(st, tmp_path / "model")
+        shutil.copy(st / "model.safetensors", d)
+    with caplog.at_level(logging.INFO, logger="npu_fp.io.source"):
+        src = open_model(d)
+    assert {Path(r.file).suffix for r in src.tensors.values()} == {".safetensors"}
+    [msg] = [r.getMessage() for r in caplog.records if "complete safetensors set" in r.getMessage()]
+    assert "ignoring the PyTorch files" in msg and "pytorch_model" in msg
+    assert_same_stats(fingerprint_rows(d, tmp_path / "o1"), fingerprint_rows(st, tmp_path / "o2"))
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

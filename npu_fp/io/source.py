@@ -81,16 +81,48 @@ def _weight_files(root: Path, fmt: WeightFormat) -> list[str]:
 
 
 def weight_format(root: Path) -> WeightFormat:
-    """The one format a model folder's weights are stored in (a mix is refused)."""
+    """The one format a model folder's weights are stored in.
+
+    Hugging Face repos often ship a complete safetensors set beside `pytorch_model*.bin`: the
+    safetensors set is read then (logged at INFO). Any other mix, or a safetensors set that is
+    incomplete, is refused: reading one of them would be a guess.
+    """
     found = {f: _weight_files(root, f) for f in FORMATS}
     present = [f for f, names in found.items() if names]
     if len(present) > 1:
         listing = "; ".join(f"{f.name}: {', '.join(found[f][:3])}" for f in present)
+        safetensors, torch_bin = FORMATS[0], FORMATS[1]
+        why = ""
+        if set(present) == {safetensors, torch_bin}:
+            missing = _safetensors_set_missing(root)
+            if not missing:
+                log.info(
+                    "%s: reading the complete safetensors set (%s); ignoring the PyTorch files "
+                    "beside it (%s)",
+                    root,
+                    ", ".join(found[safetensors][:3]),
+                    ", ".join(found[torch_bin][:3]),
+                )
+                return safetensors
+            why = f" (the safetensors set is incomplete: {missing})"
         raise CheckpointError(
-            f"{root}: holds weights in several formats ({listing}); a model folder must hold "
-            "one format: move the other files out"
+            f"{root}: holds weights in several formats ({listing}){why}; a model folder must "
+            "hold one format, or a complete safetensors set beside PyTorch .bin files: move "
+            "the other files out"
         )
     return present[0] if present else FORMATS[0]
+
+
+def _safetensors_set_missing(root: Path) -> str:
+    """Why the safetensors files of `root` are not one complete model ('' when they are): the
+    shards its index names must all be there, or without an index `model.safetensors` must be."""
+    index = root / INDEX_NAME
+    if exists(index):
+        gone = [n for n in _index_shards(root, index) if not exists(root / n)]
+        return f"{INDEX_NAME} names missing shards {', '.join(gone[:3])}" if gone else ""
+    if exists(root / "model.safetensors"):
+        return ""
+    return f"no {INDEX_NAME} and no model.safetensors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,13 +297,15 @@ def _weight_map(root: Path, index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _index_shards(root: Path, index: Path) -> list[str]:
+    weight_map = _weight_map(root, index)
+    return sorted({_safe_member(index, v, f"tensor {k[:200]!r}") for k, v in weight_map.items()})
+
+
 def _shard_names(root: Path, fmt: WeightFormat) -> list[str]:
     index = root / fmt.index if fmt.index else None
     if index is not None and exists(index):
-        weight_map = _weight_map(root, index)
-        names = sorted(
-            {_safe_member(index, v, f"tensor {k[:200]!r}") for k, v in weight_map.items()}
-        )
+        names = _index_shards(root, index)
         for n in names:
             if not exists(root / n):
                 raise CheckpointError(f"{index}: names shard {n!r}, which is missing from {root}")
