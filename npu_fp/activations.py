@@ -20,7 +20,11 @@ import torch
 from npu_fp.config import ActivationsConfig
 from npu_fp.dist import DistContext, main_raises_everywhere
 from npu_fp.forward.corpus import make_batches
-from npu_fp.forward.errors import ActivationInputError, SequenceLengthError
+from npu_fp.forward.errors import (
+    ActivationInputError,
+    SequenceLengthError,
+    UnsupportedArchitectureError,
+)
 from npu_fp.forward.layers import StreamModel
 from npu_fp.forward.parallel import pipeline_stages, reduce_tables, run_data, run_pipeline
 from npu_fp.forward.stream import STREAMS, LayerStreamer, NormTables
@@ -61,6 +65,11 @@ def run_activations(
         raise ActivationInputError(
             "the activations step reuses transformers' layer modules: install them with "
             "pip install 'npu_fp[forward]' (transformers>=5, after torch is pinned)"
+        )
+    if source.tokens is not None:  # a GGUF file: llama.cpp names, no tokenizer.json
+        raise UnsupportedArchitectureError(
+            f"{source.root}: the activations step runs Hugging Face layouts; a GGUF model is "
+            "fingerprinted and compared, not run (use its safetensors original)"
         )
     where = str(Path(source.root) / "config.json")
     model = StreamModel(

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
 from npu_fp import derive, zoo
+from npu_fp.io.gguf_codec import unpermute_rope
 
 
 class RealWeightsError(ValueError):
@@ -197,12 +198,6 @@ GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", 
 def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
-
-
-def unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (its converter interleaves RoPE halves)."""
-    rows, cols = w.shape
-    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def convert_gguf(path: Path, dst: Path) -> None:

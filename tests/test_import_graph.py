@@ -17,6 +17,8 @@ FUNCTION_LEVEL_ALLOWED = {
     ("npu_fp.realweights", "transformers.integrations.gguf"): (
         "optional `forward` extra, only to build the real-weight GGUFs' tokenizer.json"
     ),
+    ("npu_fp.io.gguf_codec", "gguf"): "optional `gguf` extra: only GGUF inputs need it",
+    ("npu_fp.io.gguf_file", "gguf"): "optional `gguf` extra: only GGUF inputs need it",
     ("npu_fp.forward.layers", "transformers"): "optional `forward` extra",
     ("npu_fp.forward.layers", "transformers.masking_utils"): "optional `forward` extra",
     ("npu_fp.forward.layers", "npu_fp.forward.pangu"): "pangu.py imports transformers at the top",

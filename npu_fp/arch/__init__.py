@@ -3,6 +3,7 @@
 `map_roles(config, shapes)` turns every tensor name of a checkpoint into a `TensorRole` (layer, role,
 expert, group, fused parts), picking the family adapter from config.json's `architectures[0]`, then
 its `model_type`, then a multimodal `text_config`, and falling back to name patterns with a warning.
+Models read from GGUF files carry `gguf_architecture` and get the GGUF-name adapters (gguf.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from npu_fp.arch.base import ROLES, PartSpec, RoleMap, TensorRole
 from npu_fp.arch.bert import bert
 from npu_fp.arch.fallback import fallback
+from npu_fp.arch.gguf import BY_GGUF_ARCHITECTURE
 from npu_fp.arch.gpt2 import gpt2
 from npu_fp.arch.llama_like import (
     baichuan,
@@ -93,6 +95,9 @@ BY_MODEL_TYPE: dict[str, Builder] = {
 
 
 def _builder(config: Mapping[str, Any]) -> Builder | None:
+    gguf_arch = config.get("gguf_architecture")  # set by io/gguf_file.py: GGUF tensor names
+    if isinstance(gguf_arch, str):
+        return BY_GGUF_ARCHITECTURE.get(gguf_arch)
     text = config.get("text_config")
     for cfg in (config, text if isinstance(text, Mapping) else {}):
         archs = cfg.get("architectures") or []

@@ -68,6 +68,7 @@ ROLES: frozenset[str] = frozenset(
         "moe.expert.gate",
         "moe.expert.up",
         "moe.expert.down",
+        "moe.expert.gate_up",
         "moe.shared.gate",
         "moe.shared.up",
         "moe.shared.down",

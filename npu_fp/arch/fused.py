@@ -94,3 +94,21 @@ def gate_up_halves(
     (inter,) = dims.need(name, "intermediate")
     _check(name, shape, bias, 0, 2 * inter, dims.hidden, f"gate|up [gate {inter} + up {inter}]")
     return contiguous_parts([(p, _role(r, bias), inter) for p, r in _GATE_UP], dim=0)
+
+
+_EXPERT_GATE_UP = (("gate", "moe.expert.gate"), ("up", "moe.expert.up"))
+
+
+def expert_gate_up_halves(
+    name: str, shape: tuple[int, ...], dims: Dims, bias: bool
+) -> tuple[PartSpec, ...]:
+    """One expert of a fused `experts.gate_up_proj` stack, [2Ie, H]: first half gate, second up
+    (transformers 5 `chunk(2, dim=-1)` of the expert's output)."""
+    if len(shape) != 2 or shape[0] % 2 or (dims.hidden is not None and shape[1] != dims.hidden):
+        raise ValueError(
+            f"{name}: stored shape {list(shape)} does not match the fused expert gate|up layout; "
+            f"expected [2 * expert intermediate size, hidden_size={dims.hidden}] per expert "
+            "(an [E, H, 2I] stack stored [in, out] is not supported)"
+        )
+    half = shape[0] // 2
+    return contiguous_parts([(p, r, half) for p, r in _EXPERT_GATE_UP], dim=0)

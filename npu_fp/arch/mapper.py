@@ -143,21 +143,23 @@ class _Mapper:
         if em is not None:
             # em indexes "." + rest; the container is what precedes ".experts.{e}."
             container, inner = rest[: max(em.start() - 1, 0)], rest[em.end() - 1 :]
-            return self._expert(name, container, inner, layer, expert)
+            return self._expert(name, container, inner, layer, expert, shape)
         module, param = _split_param(rest)
         entry = fam.layer.get(module)
         return None if entry is None else self._role(name, entry, param, shape, layer)
 
     def _expert(
-        self, name: str, container: str, inner: str, layer: int, expert: int
+        self, name: str, container: str, inner: str, layer: int, expert: int, shape: tuple[int, ...]
     ) -> TensorRole | None:
         module, param = _split_param(inner)
-        role = self.family.experts.get(module)
-        if role is None or param != "weight" or container not in self.family.expert_containers:
+        entry = self.family.experts.get(module)
+        if entry is None or param != "weight" or container not in self.family.expert_containers:
             return None
+        rule = rule_of(entry)
+        parts = rule.split(name, shape, self.dims, False) if rule.split else ()
         epg = self.family.experts_per_group
         group = expert // epg if epg else None
-        return TensorRole(name, role, layer=layer, expert=expert, group=group)
+        return TensorRole(name, rule.role, layer=layer, expert=expert, group=group, parts=parts)
 
     def _global(self, name: str, local: str, shape: tuple[int, ...]) -> TensorRole | None:
         if local.split(".", 1)[0] in self.family.global_aux:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from npu_fp.arch.fused import expert_gate_up_halves
 from npu_fp.arch.llama_like import (
     ATTN,
     DENSE_MLP,
@@ -20,12 +21,14 @@ from npu_fp.arch.llama_like import (
     sandwich_norm,
 )
 from npu_fp.arch.mapper import num_experts_in
-from npu_fp.arch.spec import Family, config_int
+from npu_fp.arch.spec import Family, Rule, config_int
 
 EXPERT_MLP = {
     "gate_proj": "moe.expert.gate",
     "up_proj": "moe.expert.up",
     "down_proj": "moe.expert.down",
+    # one expert of a transformers-5 fused stack (io/expert_stacks.py)
+    "gate_up_proj": Rule("moe.expert.gate_up", split=expert_gate_up_halves),
 }
 ROUTER = {"mlp.gate": "moe.router"}
 SHARED_EXPERT = {
@@ -61,15 +64,21 @@ def qwen3_moe(config: Mapping[str, Any]) -> Family:
 
 
 def mixtral(config: Mapping[str, Any]) -> Family:
-    layer = {**ATTN, **PRE_NORM, "block_sparse_moe.gate": "moe.router"}
+    layer = {**ATTN, **PRE_NORM, "block_sparse_moe.gate": "moe.router", **ROUTER}
     # w1 gate, w2 down, w3 up: w2 is the down projection, not the up one.
-    experts = {"w1": "moe.expert.gate", "w2": "moe.expert.down", "w3": "moe.expert.up"}
+    # transformers 5 stores Mixtral's experts fused, as `mlp.experts.{gate_up,down}_proj`
+    experts = {
+        "w1": "moe.expert.gate",
+        "w2": "moe.expert.down",
+        "w3": "moe.expert.up",
+        **EXPERT_MLP,
+    }
     return Family(
         "mixtral",
         layer=layer,
         globals=HF_GLOBALS,
         experts=experts,
-        expert_containers=("block_sparse_moe",),
+        expert_containers=("block_sparse_moe", "mlp"),
     )
 
 

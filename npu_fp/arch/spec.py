@@ -122,7 +122,7 @@ class Family:
     name: str
     layer: Table  # module path inside a layer -> role
     globals: Table = field(default_factory=dict)  # trailing module path of non-layer tensors
-    experts: Mapping[str, str] = field(default_factory=dict)  # module inside `experts.{e}.`
+    experts: Table = field(default_factory=dict)  # module inside `experts.{e}.`
     expert_containers: tuple[str, ...] = ("mlp",)  # what precedes `.experts.{e}.`
     params: Mapping[str, str] = field(default_factory=dict)  # whole parameter path in a layer
     layer_aux: frozenset[str] = frozenset()  # parameter paths in a layer that are buffers

@@ -65,7 +65,7 @@ def weights_of(sig: Signature) -> tuple[str | None, str]:
     """The model folder behind a signature, if it still holds the fingerprinted files (same
     headers); whether it holds the same bytes is `stale_reason`'s question."""
     path = sig.identity.get("path")
-    if not path or not Path(path).is_dir():
+    if not path or not Path(path).exists():  # a model folder, or a .gguf file
         return None, f"model folder {path!r} of this signature is not available: signature only"
     try:
         src = open_model(path)

@@ -15,7 +15,7 @@ import torch
 
 from npu_fp.arch import map_roles
 from npu_fp.arch.base import PartSpec, RoleMap
-from npu_fp.io.reader import FileCache, RowReader, row_blocks, scale_for
+from npu_fp.io.reader import FileCache, RowReader, block_row_bytes, row_blocks, scale_for
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.source import ModelSource, member, open_model
 from npu_fp.io.validate import (
@@ -135,7 +135,7 @@ class ModelView:
         want = torch.tensor(ids, dtype=torch.long)
         order = torch.argsort(want)
         out = torch.empty(len(ids), ref.shape[1], dtype=torch.float32)
-        block = max(1, READ_BUFFER // max(ref.nbytes // max(ref.rows, 1), 1))
+        block = max(1, READ_BUFFER // max(block_row_bytes(ref), 1))
         sorted_ids = want[order]
         start = 0
         for r0, r1 in row_blocks(ref, 0, ref.rows, block):
@@ -185,9 +185,22 @@ def read_vocab(root: str | Path) -> tuple[dict[str, int] | None, str]:
     return None, f"{root}: no tokenizer.json or vocab.json"
 
 
+def stored_vocab(source: ModelSource) -> tuple[dict[str, int] | None, str]:
+    """The vocabulary a weights file carries (GGUF `tokenizer.ggml.tokens`, id = position; a
+    repeated token keeps its first id), checked like a tokenizer.json."""
+    assert source.tokens is not None
+    ids: dict[str, int] = {}
+    for i, token in enumerate(source.tokens):
+        ids.setdefault(token, i)
+    return parse_vocab({"model": {"vocab": ids}}, f"{source.root}: tokenizer.ggml.tokens")
+
+
 def open_view(path: str, lm_prefix: str | None = None) -> ModelView:
     source = open_model(path)
     shapes = {n: r.shape for n, r in source.tensors.items()}
     rolemap = map_roles(source.config, shapes, lm_prefix)
-    vocab, note = read_vocab(source.root)
+    if source.tokens is not None:
+        vocab, note = stored_vocab(source)
+    else:
+        vocab, note = read_vocab(source.root)
     return ModelView(source, rolemap, build_index(rolemap), vocab, note)

@@ -20,7 +20,8 @@ from npu_fp.io.reader import FileCache, RowReader, row_blocks, scale_for
 from npu_fp.io.safetensors_header import TensorRef
 
 EXPERT_RE = re.compile(
-    r"^(?P<pre>.*\.experts)\.(?P<e>\d+)\.(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+    r"^(?P<pre>.*\.experts)\.(?P<e>\d+)\."
+    r"(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj|gate_up_proj)\.weight$"
 )
 # which fused tensor (and which half of it) a per-expert matrix belongs to
 EXPERT_SLOTS: dict[str, tuple[str, int | None]] = {
@@ -30,6 +31,8 @@ EXPERT_SLOTS: dict[str, tuple[str, int | None]] = {
     "up_proj": ("gate_up_proj", 1),
     "w2": ("down_proj", None),
     "down_proj": ("down_proj", None),
+    # one expert of a stored fused stack (io/expert_stacks.py): its whole [2I, H] slot
+    "gate_up_proj": ("gate_up_proj", None),
 }
 # checkpoint entries that are not module weights (rotary caches, FP8 and KV-cache scales)
 AUX_SUFFIXES = ("rotary_emb.inv_freq", "weight_scale_inv", "kv_cache_scale", "kv_cache_offset")

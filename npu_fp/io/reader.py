@@ -4,7 +4,8 @@ Rows are read through a sliding memory-mapped window (`RowReader`): one block of
 time, so resident memory is bounded by the block, not the shard, and the kernel widens straight from
 the page cache. Block scales are read with `os.preadv` into a caller's buffer
 (`read_bytes_into`). FP8 weights with DeepSeek-style `weight_scale_inv` block scales are dequantized
-here, before any statistics.
+here, before any statistics, and so are GGUF rows (a `TensorRef` with a codec, see
+gguf_codec.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import mmap
 import os
 from collections.abc import Iterator, Mapping
 
+import numpy as np
 import torch
 
+from npu_fp.io.gguf_codec import decode_rows
 from npu_fp.io.safetensors_header import CheckpointError, TensorRef
 from npu_fp.io.validate import InputError, open_regular
 
@@ -49,6 +52,13 @@ SCALE_SUFFIX = "_scale_inv"  # DeepSeek FP8: `x.weight` is dequantized with `x.w
 def scale_for(tensors: Mapping[str, TensorRef], ref: TensorRef) -> TensorRef | None:
     """The block-scale tensor that dequantizes `ref`, when it is an FP8 weight that has one."""
     return tensors.get(ref.name + SCALE_SUFFIX) if ref.dtype in FP8_DTYPES else None
+
+
+def block_row_bytes(ref: TensorRef) -> int:
+    """Host bytes one row of `ref` takes once read, to size read blocks: its stored bytes, or
+    its float32 values when rows are decoded (a 4-bit GGUF row is 8x larger decoded)."""
+    stored = ref.nbytes // ref.rows if ref.rows else 0
+    return max(stored, 4 * ref.cols) if ref.codec is not None else stored
 
 
 def storage_dtype(ref: TensorRef) -> torch.dtype:
@@ -147,10 +157,13 @@ class RowReader:
         self._gathered = None
 
     def read(self, ref: TensorRef, row_begin: int, row_end: int) -> torch.Tensor:
-        """Stored-dtype CPU tensor of shape [row_end - row_begin, cols] over the mapped window.
+        """Stored-dtype CPU tensor of shape [row_end - row_begin, cols] over the mapped window
+        (float32 values for a tensor with a codec: GGUF rows are decoded here).
 
         The result is only valid until the next call (or `release`).
         """
+        if ref.codec is not None:
+            return self._read_decoded(ref, row_begin, row_end)
         dtype = storage_dtype(ref)
         row_bytes = ref.nbytes // ref.rows if ref.rows else 0
         n = (row_end - row_begin) * row_bytes
@@ -167,7 +180,36 @@ class RowReader:
                 read_bytes_into(self.files, ref, begin, self._gathered[done : done + length])
                 done += length
             return self._gathered.view(dtype).view(row_end - row_begin, ref.cols)
-        start = pieces[0][0]
+        off = self._map(ref, pieces[0][0], n)
+        self._window = (off, n)
+        raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=n, offset=off)
+        return raw.view(dtype).view(row_end - row_begin, ref.cols)
+
+    def _read_decoded(self, ref: TensorRef, row_begin: int, row_end: int) -> torch.Tensor:
+        """Rows [row_begin, row_end) of a GGUF tensor as float32. Rows permuted within heads are
+        decoded a whole head at a time; the digest still covers exactly the stored rows asked
+        for, so a tensor's hash is its stored bytes whatever the block size."""
+        assert ref.codec is not None and not ref.extra  # GGUF stores each tensor in one piece
+        self.release()
+        row_bytes = ref.nbytes // ref.rows if ref.rows else 0
+        if row_end <= row_begin or row_bytes == 0:
+            return torch.empty(max(row_end - row_begin, 0), ref.cols, dtype=torch.float32)
+        lo, hi = ref.codec.window(ref.rows, row_begin, row_end)
+        off = self._map(ref, ref.begin + lo * row_bytes, (hi - lo) * row_bytes)
+        self._window = (off + (row_begin - lo) * row_bytes, (row_end - row_begin) * row_bytes)
+        raw = np.frombuffer(self._mm, np.uint8, (hi - lo) * row_bytes, off)
+        try:
+            values = decode_rows(ref.codec, raw.reshape(hi - lo, row_bytes), ref.rows)
+        except (ValueError, NotImplementedError) as e:
+            raise CheckpointError(
+                f"{ref.file}: tensor {ref.name!r}: cannot decode {ref.dtype} rows: {e}"
+            ) from e
+        return torch.from_numpy(values[row_begin - lo : row_end - lo]).view(
+            row_end - row_begin, ref.cols
+        )
+
+    def _map(self, ref: TensorRef, start: int, n: int) -> int:
+        """Map file bytes [start, start + n); returns the offset of `start` inside the map."""
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         fd = self.files.fd(ref.file)
         # touching a mapped page past the end of the file raises SIGBUS, which kills the process:
@@ -192,9 +234,7 @@ class RowReader:
                 f"{ref.file}: tensor {ref.name!r}: cannot map bytes [{start}, {start + n}): {e} "
                 "(file truncated while reading?)"
             ) from e
-        self._window = (start - aligned, n)
-        raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=n, offset=start - aligned)
-        return raw.view(dtype).view(row_end - row_begin, ref.cols)
+        return start - aligned
 
     def hash_last(self, hasher: object) -> None:
         """Feed the raw bytes behind the last `read` to `hasher.update`."""

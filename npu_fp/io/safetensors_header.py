@@ -13,8 +13,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from npu_fp.io.validate import InputError, loads_json, open_regular, os_error, pread_exact
+
+if TYPE_CHECKING:
+    from npu_fp.io.gguf_codec import RowCodec
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 # The largest released checkpoints hold ~150k tensors (384-expert MoE with FP8 scales); every later
@@ -60,13 +64,15 @@ class TensorRef:
 
     name: str
     file: str  # absolute path of the file holding it
-    dtype: str  # safetensors dtype string
+    dtype: str  # safetensors dtype string, or a GGUF tensor's ggml type name ("Q4_K")
     shape: tuple[int, ...]
     begin: int  # absolute byte offset of the first byte in `file`
     end: int  # absolute, exclusive
     # further [begin, end) byte extents that continue the tensor in order, for formats that store
     # one tensor in several pieces (MindSpore splits tensors over 512 MiB); empty for safetensors
     extra: tuple[tuple[int, int], ...] = ()
+    # rows decoded on read (GGUF: dequantized, converter edits undone); None: stored values
+    codec: RowCodec | None = None
 
     @property
     def nbytes(self) -> int:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from npu_fp.io.expert_stacks import split_stacks
+from npu_fp.io.gguf_file import is_gguf, read_gguf
 from npu_fp.io.mindspore_ckpt import read_ckpt_header
 from npu_fp.io.safetensors_header import (
     MAX_TENSORS,
@@ -132,14 +134,22 @@ class FileInfo:
     header_sha256: str  # digest of the header JSON: changes whenever names, shapes or layout change
 
 
+def weight_path(root: str | os.PathLike[str], name: str) -> Path:
+    """A weight file of the model at `root`: inside its folder, or beside a .gguf file root (the
+    file itself, or another shard of its split)."""
+    root = Path(root)
+    return root.parent / name if root.is_file() else root / name
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSource:
-    root: str  # the resolved snapshot / model folder
+    root: str  # the resolved snapshot / model folder, or the .gguf file
     config: dict
     config_sha256: str
-    tensors: dict[str, TensorRef]  # sorted by name
+    tensors: dict[str, TensorRef]  # sorted by name; fused expert stacks one tensor per expert
     files: tuple[FileInfo, ...]
     metadata: dict[str, str]  # __metadata__ of the first file
+    tokens: tuple[str, ...] | None = None  # vocabulary stored in the weights file (GGUF)
 
     @property
     def total_bytes(self) -> int:
@@ -159,7 +169,9 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     if not p.is_dir():
         if p.suffix == ".safetensors" and is_regular(p):
             return p.parent.resolve()
-        raise CheckpointError(f"{p}: expected a model folder or a .safetensors file")
+        raise CheckpointError(
+            f"{p}: expected a model folder or a .safetensors file (or a .gguf file)"
+        )
     snapshots = p / "snapshots"
     if snapshots.is_dir() and not any(p.glob("*.safetensors")):
         ref_main = p / "refs" / "main"
@@ -202,6 +214,9 @@ def member(root: Path, name: str, where: str) -> Path:
 
 
 def open_model(path: str | os.PathLike[str]) -> ModelSource:
+    gguf_path = Path(path).expanduser()
+    if is_gguf(gguf_path) and exists(gguf_path) and not gguf_path.is_dir():
+        return _open_gguf(gguf_path)
     root = resolve_model_dir(path)
     config, config_sha = _read_config(root)
     fmt = weight_format(root)
@@ -228,6 +243,7 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
     index = root / fmt.index if fmt.index else None
     if index is not None and exists(index):
         _check_index_agrees(root, index, tensors)
+    tensors = split_stacks(tensors)
     if not tensors:
         raise CheckpointError(f"{root}: the checkpoint holds no tensors")
     try:
@@ -249,11 +265,34 @@ def open_model(path: str | os.PathLike[str]) -> ModelSource:
     )
 
 
+def _open_gguf(path: Path) -> ModelSource:
+    """One .gguf file: config and vocabulary from its metadata (gguf_file.py)."""
+    g = read_gguf(path)
+    tensors = split_stacks(g.tensors)
+    if not tensors:
+        raise CheckpointError(f"{g.path}: the GGUF file holds no tensors")
+    try:
+        check_config(g.config, f"{g.path} (metadata)", (r.shape for r in tensors.values()))
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+    return ModelSource(
+        root=g.path,
+        config=g.config,
+        config_sha256=g.config_sha256,
+        tensors=tensors,
+        files=tuple(FileInfo(*f) for f in g.files),
+        metadata=g.metadata,
+        tokens=g.tokens,
+    )
+
+
 def _read_config(root: Path) -> tuple[dict, str]:
     cfg_path = root / "config.json"
     if not exists(cfg_path):
+        ggufs = sorted(p.name for p in root.glob("*.gguf"))
+        hint = f"; or pass one of the GGUF files {ggufs[:5]} as model.path" if ggufs else ""
         raise CheckpointError(
-            f"{cfg_path}: missing; config.json tells the architecture and is required"
+            f"{cfg_path}: missing; config.json tells the architecture and is required{hint}"
         )
     try:
         raw = read_regular(member(root, "config.json", str(root)), CONFIG_MAX_BYTES, "config.json")

@@ -15,9 +15,8 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
-from npu_fp.io.source import FileInfo
+from npu_fp.io.source import FileInfo, weight_path
 from npu_fp.io.validate import InputError, open_regular, os_error, pread_exact
 
 WINDOW_BYTES = 64 << 10
@@ -64,7 +63,7 @@ def file_stamp(path: str | os.PathLike[str]) -> FileStamp:
 
 def folder_stamps(root: str | os.PathLike[str], names: list[str]) -> dict[str, FileStamp]:
     """Stamps of the weight files `names` (relative to the model folder `root`)."""
-    return {n: file_stamp(Path(root) / n) for n in names}
+    return {n: file_stamp(weight_path(root, n)) for n in names}
 
 
 def stamped_files(files: Iterable[FileInfo], stamps: dict[str, FileStamp]) -> list[dict]:
@@ -83,7 +82,7 @@ def stamp_mismatch(recorded: list[dict], root: str | os.PathLike[str]) -> str | 
         if any(k not in f for k in STAMP_KEYS):
             return f"{name}: the signature records no content stamp (made by an older npu_fp)"
         try:
-            now = file_stamp(Path(root) / name)
+            now = file_stamp(weight_path(root, name))
         except InputError as e:
             return str(e)
         for key, what in (
@@ -93,7 +92,7 @@ def stamp_mismatch(recorded: list[dict], root: str | os.PathLike[str]) -> str | 
         ):
             if now.as_dict()[key] != f[key]:
                 return (
-                    f"{Path(root) / name}: {what} changed since it was fingerprinted "
+                    f"{weight_path(root, name)}: {what} changed since it was fingerprinted "
                     f"({f[key]} then, {now.as_dict()[key]} now)"
                 )
     return None

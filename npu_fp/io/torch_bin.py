@@ -270,7 +270,15 @@ def read_torch_header(path: str | os.PathLike[str]) -> FileHeader:
         try:
             with os.fdopen(os.dup(fd), "rb") as fh, zipfile.ZipFile(fh) as zf:
                 infos = zf.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
+        # zipfile raises NotImplementedError for a zip version or feature it does not know: a
+        # mutated header, not a torch file we could read
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            EOFError,
+            ValueError,
+            NotImplementedError,
+        ) as e:
             raise CheckpointError(
                 f"{path}: not a zip-format torch file (truncated or corrupt: {e})"
             ) from None

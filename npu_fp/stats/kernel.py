@@ -16,7 +16,7 @@ import xxhash
 
 from npu_fp.arch.base import PartSpec, TensorRole
 from npu_fp.device import Device, to_device_float
-from npu_fp.io.reader import RowReader, row_blocks
+from npu_fp.io.reader import RowReader, block_row_bytes, row_blocks
 from npu_fp.io.safetensors_header import TensorRef
 from npu_fp.plan import WorkItem
 from npu_fp.stats.moments import Moments
@@ -146,8 +146,7 @@ def item_stats(
 ) -> ItemResult:
     """Moments of one segment of a tensor (and of each fused part inside it) plus its digest."""
     parts = role.parts if role is not None else ()
-    row_bytes = ref.nbytes // ref.rows if ref.rows else 0
-    block_rows = max(1, read_bytes // max(row_bytes, 1))
+    block_rows = max(1, read_bytes // max(block_row_bytes(ref), 1))
     whole = Moments()
     part_m = [Moments() for _ in parts]
     hasher = xxhash.xxh3_128()
