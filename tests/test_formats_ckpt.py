@@ -7,6 +7,7 @@ parameters: every per-tensor statistic and content hash must agree exactly betwe
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import pytest
 from compare_fixtures import run_compare
 from conftest import run_cli
 from formats_helpers import as_bin, assert_same_stats, fingerprint_rows
+from safetensors.torch import load_file, save_file
 
 from npu_fp.arch import map_roles
+from npu_fp.compare.tensors import open_view
 from npu_fp.io.reader import FileCache, RowReader
 from npu_fp.io.safetensors_header import CheckpointError
 from npu_fp.io.source import open_model
@@ -28,13 +31,14 @@ MODELS = [
     "mindformers_llama",
     "mindformers_fused",
     "mindformers_train_state",
+    "mindformers_moe",
 ]
 
 
 def test_fixtures_match_their_sha256sums() -> None:
     lines = (FIXTURES / "SHA256SUMS").read_text().split("\n")
     sums = dict(reversed(line.split("  ", 1)) for line in lines if line)
-    assert len(sums) == 26  # 13 folders: model file + config.json
+    assert len(sums) == 30  # 15 folders: model file + config.json
     for rel, digest in sums.items():
         assert hashlib.sha256((FIXTURES / rel).read_bytes()).hexdigest() == digest, rel
 
@@ -116,6 +120,87 @@ def test_mindformers_fused_projections_are_split_into_parts() -> None:
         ("mlp.gate", ((0, 64),)),
         ("mlp.up", ((64, 128),)),
     ]
+
+
+# MindFormers -> HF names of the MoE fixture's non-expert tensors (layouts doc 3.18)
+_MF_TO_HF = {
+    "tok_embeddings.embedding_weight": "embed_tokens.weight",
+    "norm_out.": "norm.",
+    "attention.wq.": "self_attn.q_proj.",
+    "attention.wk.": "self_attn.k_proj.",
+    "attention.wv.": "self_attn.v_proj.",
+    "attention.wo.": "self_attn.o_proj.",
+    "attention_norm.": "input_layernorm.",
+    "ffn_norm.": "post_attention_layernorm.",
+    "feed_forward.routed_experts.router.dense.": "mlp.gate.",
+    "feed_forward.shared_experts.w1.": "mlp.shared_expert.gate_proj.",
+    "feed_forward.shared_experts.w3.": "mlp.shared_expert.up_proj.",
+    "feed_forward.shared_experts.w2.": "mlp.shared_expert.down_proj.",
+}
+_MF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _hf_per_expert_copy(dst: Path) -> Path:
+    """The MoE fixture as a Qwen2-MoE checkpoint: one [out, in] tensor per expert, the
+    transpose of each [in, out] slice of MindFormers' [E, in, out] stacks."""
+    src = FIXTURES / "mindformers_moe_safetensors"
+    out = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if ".routed_experts.ffn." in name:
+            layer, leaf = name.split(".")[2], name.split(".")[-2]
+            for e in range(t.shape[0]):
+                out[f"model.layers.{layer}.mlp.experts.{e}.{_MF_EXPERT[leaf]}.weight"] = (
+                    t[e].t().contiguous()
+                )
+            continue
+        for a, b in _MF_TO_HF.items():
+            name = name.replace(a, b)
+        out[name] = t
+    dst.mkdir()
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config |= {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "shared_expert_intermediate_size": config["moe_intermediate_size"],
+    }
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_mindformers_expert_stacks_are_per_expert_rows_in_out_in_orientation(
+    tmp_path: Path,
+) -> None:
+    """`routed_experts.ffn.w1/w2/w3` [E, in, out] become one transposed row per expert: the same
+    roles, statistics and [out, in] matrices as a per-expert HF checkpoint of the same weights."""
+    ckpt = FIXTURES / "mindformers_moe"
+    src = open_model(ckpt)
+    rm = map_roles(src.config, {n: r.shape for n, r in src.tensors.items()})
+    assert not rm.unmapped
+    experts = {n: r for n, r in rm.roles.items() if r.role.startswith("moe.expert.")}
+    assert len(experts) == 2 * 3 * 4 and all(r.transposed for r in experts.values())
+    assert not any(".routed_experts.ffn.w" in n for n in src.tensors)  # the stacks are cut up
+    hf = _hf_per_expert_copy(tmp_path / "hf")
+    a, b = open_view(str(ckpt)), open_view(str(hf))
+    keys = [(r.layer, r.role, r.expert) for r in experts.values()]
+    keys += [(layer, role, None) for layer in (0, 1) for role in ("moe.router", "moe.shared.down")]
+    for key in keys:
+        x, y = a.read(*key), b.read(*key)
+        assert x is not None and y is not None and x.equal(y), key
+        assert a.shape(*key) == tuple(y.shape), key
+    rows_a = fingerprint_rows(ckpt, tmp_path / "o1")
+    rows_b = fingerprint_rows(hf, tmp_path / "o2")
+    by_key = {(r["layer"], r["role"], r.get("expert")): r for r in rows_b.values()}
+    seen = 0
+    for row in rows_a.values():
+        if row["role"].startswith("moe.expert."):
+            other = by_key[(row["layer"], row["role"], row.get("expert"))]
+            for k in ("numel", "max", "min", "absmax", "nan", "inf"):
+                assert row[k] == other[k], (row["name"], k)
+            for k in ("mean", "std", "rms", "l2", "kurtosis", "skew"):
+                assert row[k] == pytest.approx(other[k], rel=1e-12, abs=1e-15), (row["name"], k)
+            seen += 1
+    assert seen == len(experts)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -65,6 +65,21 @@ MINDFORMERS_LAYER = {
     "ffn_norm": "norm.post_attn",
 }
 MINDFORMERS_GLOBALS = {"tok_embeddings": "embed.tok", "norm_out": "norm.final"}
+# MindFormers MoE layers: the router, the shared expert, and the routed experts, whose
+# grouped-matmul stacks `routed_experts.ffn.w1/w2/w3` [E, in, out] io/expert_stacks.py cuts into
+# `routed_experts.ffn.experts.{e}.w1` [in, out]: stored transposed (transpose_b=False)
+MINDFORMERS_MOE_LAYER = {
+    "feed_forward.routed_experts.router.dense": "moe.router",
+    "feed_forward.shared_experts.w1": "moe.shared.gate",
+    "feed_forward.shared_experts.w3": "moe.shared.up",
+    "feed_forward.shared_experts.w2": "moe.shared.down",
+}
+MINDFORMERS_EXPERTS = {
+    "w1": Rule("moe.expert.gate", transposed=True),
+    "w3": Rule("moe.expert.up", transposed=True),
+    "w2": Rule("moe.expert.down", transposed=True),
+}
+MINDFORMERS_EXPERT_CONTAINER = "feed_forward.routed_experts.ffn"
 
 
 def sandwich_norm(config: Mapping[str, Any]) -> bool:
@@ -78,8 +93,10 @@ def is_mla(config: Mapping[str, Any]) -> bool:
 def llama(config: Mapping[str, Any]) -> Family:
     return Family(
         "llama",
-        layer={**ATTN, **DENSE_MLP, **PRE_NORM, **MINDFORMERS_LAYER},
+        layer={**ATTN, **DENSE_MLP, **PRE_NORM, **MINDFORMERS_LAYER, **MINDFORMERS_MOE_LAYER},
         globals={**HF_GLOBALS, **MINDFORMERS_GLOBALS},
+        experts=MINDFORMERS_EXPERTS,
+        expert_containers=(MINDFORMERS_EXPERT_CONTAINER,),
     )
 
 
@@ -87,8 +104,10 @@ def qwen2(config: Mapping[str, Any]) -> Family:
     # Same tables as Llama; q/k/v biases map through the generic `.bias` rule.
     return Family(
         "qwen2",
-        layer={**ATTN, **DENSE_MLP, **PRE_NORM, **MINDFORMERS_LAYER},
+        layer={**ATTN, **DENSE_MLP, **PRE_NORM, **MINDFORMERS_LAYER, **MINDFORMERS_MOE_LAYER},
         globals={**HF_GLOBALS, **MINDFORMERS_GLOBALS},
+        experts=MINDFORMERS_EXPERTS,
+        expert_containers=(MINDFORMERS_EXPERT_CONTAINER,),
     )
 
 

@@ -159,7 +159,15 @@ class _Mapper:
         parts = rule.split(name, shape, self.dims, False) if rule.split else ()
         epg = self.family.experts_per_group
         group = expert // epg if epg else None
-        return TensorRole(name, rule.role, layer=layer, expert=expert, group=group, parts=parts)
+        return TensorRole(
+            name,
+            rule.role,
+            layer=layer,
+            expert=expert,
+            group=group,
+            transposed=rule.transposed,
+            parts=parts,
+        )
 
     def _global(self, name: str, local: str, shape: tuple[int, ...]) -> TensorRole | None:
         if local.split(".", 1)[0] in self.family.global_aux:

@@ -4,7 +4,8 @@ transformers 5 keeps all routed experts of a layer in `mlp.experts.gate_up_proj`
 `mlp.experts.down_proj` [E, H, I] (reference/checkpoint-layouts.md 3.19), and GGUF stores
 `blk.N.ffn_{gate,up,down}_exps.weight` [E, I, H] / [E, H, I]. The expert axis leads and the bytes
 of one expert are contiguous, so expert e is a `TensorRef` over its own byte range, named like a
-per-expert checkpoint: `mlp.experts.{e}.gate_up_proj.weight`, `blk.N.experts.{e}.ffn_gate.weight`.
+per-expert checkpoint: `mlp.experts.{e}.gate_up_proj.weight`, `blk.N.experts.{e}.ffn_gate.weight`,
+MindFormers `feed_forward.routed_experts.ffn.experts.{e}.w1.weight`.
 Role mapping, planning (MoGE groups stay whole), statistics and comparisons then see ordinary
 per-expert tensors; `down_proj` slices even carry the name and bytes of an unfused checkpoint's.
 """
@@ -24,11 +25,20 @@ _GGUF_STACK = re.compile(
 )
 
 
+# MindFormers' grouped-matmul MoE (MindSpore `.ckpt`): `feed_forward.routed_experts.ffn.w1/w2/w3`
+# [E, in, out] (transpose_b=False, layouts doc 1.1); expert e is [in, out], mapped as transposed
+_MINDFORMERS_STACK = re.compile(
+    r"^(?P<prefix>(?:.*\.)?feed_forward\.routed_experts\.ffn)\.(?P<leaf>w1|w2|w3)\.weight$"
+)
+
+
 def _expert_name(name: str) -> str | None:
     """The per-expert name pattern ("{e}" left in) of a stack's name, None if not a stack."""
     if m := _HF_STACK.match(name):
         return f"{m['prefix']}.{{e}}.{m['leaf']}.weight"
     if m := _GGUF_STACK.match(name):
+        return f"{m['prefix']}.experts.{{e}}.{m['leaf']}.weight"
+    if m := _MINDFORMERS_STACK.match(name):
         return f"{m['prefix']}.experts.{{e}}.{m['leaf']}.weight"
     return None
 
