@@ -76,10 +76,12 @@ def write_gguf(
     qtype: Q | None = None,
     tokens: list[str] | None = None,
     split_max_tensors: int = 0,
+    expert_stacks: bool = True,
 ) -> Path:
     """HF-layout weights as a GGUF file the way llama.cpp converts them; 2-D weights in
     `qtype` (everything else F32). With `split_max_tensors`, gguf-split shards
-    NAME-0000i-of-0000n.gguf next to `path`."""
+    NAME-0000i-of-0000n.gguf next to `path`; without `expert_stacks`, one tensor per expert
+    (`blk.N.ffn_gate.E.weight`, older llama.cpp Mixtral conversions)."""
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(config["num_hidden_layers"])
     w.add_embedding_length(config["hidden_size"])
@@ -102,6 +104,9 @@ def write_gguf(
         if ".experts." in name:  # blk stack: ffn_{gate,up,down}_exps [E, out, in]
             parts = name.split(".")
             leaf = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+            if not expert_stacks:
+                w.add_tensor(f"blk.{parts[2]}.{leaf[parts[6]]}.{parts[5]}.weight", a)
+                continue
             key = f"blk.{parts[2]}.{leaf[parts[6]]}_exps.weight"
             stacks.setdefault(key, []).append(a)
             continue
@@ -680,6 +685,33 @@ def test_mixtral_gguf_is_llama_with_experts(tmp_path: Path) -> None:
     assert view.rolemap.arch == "gguf_llama" and view.num_experts == 4
     assert torch.equal(view.read(1, "attn.k"), ref.read(1, "attn.k"))
     assert torch.equal(view.read(0, "moe.expert.gate", 2), ref.read(0, "moe.expert.gate", 2))
+    view.close()
+    ref.close()
+
+
+def test_older_mixtral_gguf_with_one_tensor_per_expert_reads_like_the_stacked_one(
+    tmp_path: Path,
+) -> None:
+    """`blk.N.ffn_gate.E.weight` (llama.cpp before `_exps` stacks) is expert E of layer N: the
+    same names, roles and rows as the stacked file and the HF original."""
+    t, config = moe_tensors(seed=7)
+    tok = zoo.tokenizer_json(SHAPE["vocab_size"])
+    hf = zoo.write_checkpoint(tmp_path / "hf", t, config, torch.float32, tok)
+    old = write_gguf(
+        tmp_path / "old.gguf", t, config, "llama", tokens=tokens_of(tok), expert_stacks=False
+    )
+    new = write_gguf(tmp_path / "new.gguf", t, config, "llama", tokens=tokens_of(tok))
+    stored = {x.name for x in gguf.GGUFReader(str(old)).tensors}
+    assert "blk.0.ffn_gate.3.weight" in stored and not any("_exps" in n for n in stored)
+    assert sorted(open_model(old).tensors) == sorted(open_model(new).tensors)
+    rows = fingerprint_rows({"hf": hf, "old": old, "new": new}, tmp_path / "fp")
+    assert_rows_agree(rows["old"], rows["hf"], 1e-12)
+    assert_rows_agree(rows["old"], rows["new"], 0.0)
+    view, ref = open_view(str(old)), open_view(str(hf))
+    assert view.num_experts == 4 and not view.rolemap.unmapped
+    for e in range(4):
+        for role in ("moe.expert.gate", "moe.expert.up", "moe.expert.down"):
+            assert torch.equal(view.read(1, role, e), ref.read(1, role, e)), (role, e)
     view.close()
     ref.close()
 

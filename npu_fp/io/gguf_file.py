@@ -330,6 +330,17 @@ def _shard_paths(path: str) -> list[str]:
     ]
 
 
+# older llama.cpp conversions (Mixtral before the `_exps` stacks) store each expert on its own:
+# `blk.N.ffn_gate.E.weight`; named here like one expert of a stack (io/expert_stacks.py), so the
+# two layouts of one model share names and roles
+_OLD_EXPERT = re.compile(r"^(?P<blk>blk\.\d+)\.(?P<leaf>ffn_(?:gate|up|down))\.(?P<e>\d+)\.weight$")
+
+
+def _per_expert_name(name: str) -> str:
+    m = _OLD_EXPERT.match(name)
+    return f"{m['blk']}.experts.{int(m['e'])}.{m['leaf']}.weight" if m else name
+
+
 @functools.lru_cache(maxsize=8)
 def _read_gguf(path: str, shard_stats: tuple[tuple[str, int, int, int], ...]) -> GGUFContents:
     reader = _open_reader(path)
@@ -361,16 +372,17 @@ def _read_gguf(path: str, shard_stats: tuple[tuple[str, int, int, int], ...]) ->
     config = _build_config(meta, arch, {t.name for _, t in infos}, len(tokens or ()))
     tensors: dict[str, TensorRef] = {}
     for shard, t in infos:
-        if t.name in tensors:
+        name = _per_expert_name(t.name)
+        if name in tensors:
             raise CheckpointError(
-                f"{shard}: tensor {t.name!r} is also stored in {Path(tensors[t.name].file).name}"
+                f"{shard}: tensor {t.name!r} is also stored in {Path(tensors[name].file).name}"
             )
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         type_name = t.tensor_type.name
         codec = _codec(shard, arch, t.name, type_name, int(t.tensor_type), shape, config)
         begin = int(t.data_offset)
-        tensors[t.name] = TensorRef(
-            t.name, shard, type_name, shape, begin, begin + t.n_bytes, codec=codec
+        tensors[name] = TensorRef(
+            name, shard, type_name, shape, begin, begin + t.n_bytes, codec=codec
         )
     files = tuple(
         (Path(shard).name, len(r.data), hashlib.sha256(bytes(r.data[: r.data_offset])).hexdigest())
