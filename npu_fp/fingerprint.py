@@ -38,7 +38,7 @@ from npu_fp.progress import Progress
 from npu_fp.signature import Signature, build_signature
 from npu_fp.stats import partials
 from npu_fp.stats.aggregate import TensorStats
-from npu_fp.stats.kernel import MomentKernel, item_stats
+from npu_fp.stats.kernel import MomentKernel, item_stats, kernel_threads
 from npu_fp.stats.moments import FIELDS, NUM_FIELDS, Moments
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def compute_table(
         enabled=cfg.progress and ctx.is_main,
         label=Path(source.root).name,
     )
-    with FileCache() as files:
+    with FileCache() as files, kernel_threads(ctx.device):
         reader = RowReader(files)
         for i in mine:
             item = layout.plan.items[i]

@@ -79,6 +79,21 @@ def test_in_process_outputs(tiny_models: dict[str, Path], tmp_path: Path) -> Non
     assert row["absmax"] == pytest.approx(x.abs().max().item(), rel=0)
 
 
+def test_fingerprint_leaves_the_thread_count_alone(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The kernel runs single-threaded, but only inside its own scope: compare's matmuls after an
+    in-process fingerprint keep the caller's thread count."""
+    before = torch.get_num_threads()
+    wanted = 3 if before != 3 else 2
+    torch.set_num_threads(wanted)
+    try:
+        fingerprint(small_cfg(tiny_models["dense"], tmp_path))
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_content_hash_finds_identical_tensors(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     from conftest import TINY_SHAPE
 

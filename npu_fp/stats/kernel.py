@@ -9,6 +9,8 @@ block grids depend only on the config and the tensor, so a segment gives the sam
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +28,27 @@ from npu_fp.stats.moments import Moments
 RAW_SAFE_RATIO = 4.0
 
 
+@contextmanager
+def kernel_threads(device: Device) -> Iterator[None]:
+    """One intra-op thread while the kernel runs on the CPU, the caller's count restored after.
+
+    Chunks are cache-sized; intra-op threads only add synchronisation (measured 100x slower with
+    2 OpenMP threads on 256K-element ops), and ranks are the CPU parallelism. The scope matters:
+    a process-wide setting made compare's matmuls after an in-process fingerprint run on one
+    thread (1.7x slower pairwise phase)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class MomentKernel:
     def __init__(self, device: Device, chunk_elems: int = 1 << 18) -> None:
-        if device.type == "cpu":
-            # Chunks are cache-sized; intra-op threads only add synchronisation (measured 100x
-            # slower with 2 OpenMP threads on 256K-element ops). Ranks are the CPU parallelism.
-            torch.set_num_threads(1)
         self.device = device
         self.chunk = chunk_elems
         self._a = torch.empty(chunk_elems, dtype=torch.float64, device=device.torch)
