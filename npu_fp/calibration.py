@@ -28,7 +28,7 @@ from npu_fp import derive, realweights
 from npu_fp.compare.align import identity
 from npu_fp.compare.pairwork import FFN, Prep, layer_pair
 from npu_fp.compare.tensors import ModelView
-from npu_fp.compare.units import block_test, to_units
+from npu_fp.compare.units import SALT, block_test, reduce_dims, to_units
 from npu_fp.config import CompareConfig
 
 
@@ -185,8 +185,8 @@ def pseudo_expert_tests(
         ma, mb = view.read(la, role), view.read(lb, role)
         if ma is None or mb is None:
             continue
-        pool[short] = to_units(ma, role, res, "a", device)
-        blk_b[short] = to_units(mb, role, res, "b", device)
+        pool[short] = reduce_dims(to_units(ma, role, res, "a", device), cfg.proj_dim, SALT[short])
+        blk_b[short] = reduce_dims(to_units(mb, role, res, "b", device), cfg.proj_dim, SALT[short])
     if len(pool) < 2:
         return []
     n = next(iter(blk_b.values())).shape[0]
@@ -194,7 +194,7 @@ def pseudo_expert_tests(
     out = []
     for e in range(experts):
         blk = {k: v[e * size : (e + 1) * size] for k, v in blk_b.items()}
-        t = block_test(blk, pool, cfg.lap_max_units, cfg.proj_dim)
+        t = block_test(blk, pool, cfg.lap_max_units)
         if t is not None and "z" in t:
             out.append({"block": f"pseudo-expert {e}", **t})
     return out

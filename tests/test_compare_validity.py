@@ -14,6 +14,21 @@ from safetensors.torch import load_file, save_file
 
 from npu_fp import derive
 from npu_fp.compare.exact import chatterjee_logp, degenerate, identity_test
+from npu_fp.compare.units import SALT, match, reduce_dims
+
+
+def _assert_valid_under_permutations(
+    a: torch.Tensor, b: torch.Tensor, g: torch.Generator, times: int
+) -> None:
+    """P(bound <= level) <= level over uniform permutations of B's units."""
+    logps = []
+    for _ in range(times):
+        t = identity_test([a], [b[torch.randperm(b.shape[0], generator=g)]])
+        assert t is not None
+        logps.append(t["log_p"])
+    ps = np.exp(np.array(logps))
+    for level in (0.5, 0.1, 0.05):
+        assert (ps <= level).mean() <= level
 
 
 def test_chatterjee_bound_is_a_valid_p_value_under_random_permutations() -> None:
@@ -22,17 +37,45 @@ def test_chatterjee_bound_is_a_valid_p_value_under_random_permutations() -> None
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 32, generator=g)
     b = a + 0.8 * torch.randn(64, 32, generator=g)  # strongly related at the identity
-    logps = []
-    for _ in range(400):
-        perm = torch.randperm(64, generator=g)
-        t = identity_test([a], [b[perm]])
-        assert t is not None
-        logps.append(t["log_p"])
-    ps = np.exp(np.array(logps))
-    for level in (0.5, 0.1, 0.05):
-        assert (ps <= level).mean() <= level
+    _assert_valid_under_permutations(a, b, g, 400)
     unpermuted = identity_test([a], [b])
     assert unpermuted is not None and unpermuted["log_p"] < math.log(1e-6)
+
+
+def test_identity_on_projected_rows_keeps_the_permutation_null() -> None:
+    """Compare projects FFN rows with one seeded matrix for both models before the identity
+    test: a fixed function of each row, so the bound stays valid under random permutations and
+    a derivative is still found."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(96, 512, generator=g)
+    b = a + 1.5 * torch.randn(96, 512, generator=g)
+    pa, pb = reduce_dims(a, 64, SALT["up"]), reduce_dims(b, 64, SALT["up"])
+    assert pa.shape == (96, 64)
+    _assert_valid_under_permutations(pa, pb, g, 300)
+    same_index = identity_test([pa], [pb])
+    assert same_index is not None and same_index["log_p"] < math.log(1e-6)
+
+
+def test_match_rule_lap_for_small_blocks_argmax_above() -> None:
+    """Blocks of at most lap_max units get the exact LAP optimum (also when the argmax is
+    contested), larger blocks the row argmax."""
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(2)
+    pool = torch.randn(300, 16, generator=g)
+    for noise in (0.1, 3.0):  # uncontested argmax (LAP skipped) and contested argmax (LAP run)
+        block = pool[:40] + noise * torch.randn(40, 16, generator=g)
+        got, method = match(block, pool, lap_max=64)
+        xn = block / block.norm(dim=1, keepdim=True)
+        yn = pool / pool.norm(dim=1, keepdim=True)
+        c = (xn @ yn.t()).double().numpy()
+        rows, cols = linear_sum_assignment(c, maximize=True)
+        assert method == "lap"
+        assert c[np.arange(40), got].sum() == pytest.approx(c[rows, cols].sum(), abs=1e-9)
+        assert len(set(got.tolist())) == 40
+    got, method = match(block, pool, lap_max=32)
+    assert method == "argmax"
+    assert (got == c.argmax(axis=1)).all()
 
 
 def test_chatterjee_bound_edge_cases() -> None:

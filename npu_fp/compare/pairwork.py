@@ -14,13 +14,15 @@ import torch
 
 from npu_fp.arch.base import ATTENTION
 from npu_fp.compare.align import Residual, align_pair
-from npu_fp.compare.exact import identity_test
+from npu_fp.compare.exact import degenerate, identity_test
 from npu_fp.compare.tensors import ModelView
 from npu_fp.compare.units import (
     READERS,
+    SALT,
     block_test,
     head_test,
     inplace_test,
+    reduce_dims,
     sketch,
     to_units,
 )
@@ -32,6 +34,7 @@ ATTN = ATTENTION
 FFN = {"gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
 SHARED = {"gate": "moe.shared.gate", "up": "moe.shared.up", "down": "moe.shared.down"}
 EXPERT = {"gate": "moe.expert.gate", "up": "moe.expert.up", "down": "moe.expert.down"}
+FFN_ROLES = frozenset((*FFN.values(), *SHARED.values(), *EXPERT.values()))
 
 
 @dataclass(frozen=True)
@@ -60,26 +63,49 @@ def layer_sketch(
 
 
 class _Layer:
-    """One layer of one model, read lazily and at most once per tensor."""
+    """One layer of one model, each tensor read at most once.
+
+    Attention and router units are kept at full width (head, KV-group and in-place tests use
+    them); FFN matrices (dense, shared and routed experts) are projected to `proj_dim` as soon as
+    they are read and only the projection is kept, so a MoE layer's experts cost
+    units x proj_dim floats each, not their full width, and the dense pool is projected once per
+    layer and role instead of once per expert matched into it."""
 
     def __init__(
-        self, view: ModelView, layer: int, res: Residual, side: str, device: torch.device
+        self,
+        view: ModelView,
+        layer: int,
+        res: Residual,
+        side: str,
+        device: torch.device,
+        proj_dim: int,
     ) -> None:
         self.view, self.layer, self.res, self.side, self.device = view, layer, res, side, device
-        self._cache: dict[tuple[str, int | None], torch.Tensor | None] = {}
+        self.proj_dim = proj_dim
+        self._full: dict[tuple[str, int | None], torch.Tensor | None] = {}
+        self._proj: dict[tuple[str, int | None], torch.Tensor | None] = {}
 
     def units(self, role: str, expert: int | None = None) -> torch.Tensor | None:
-        """[units, residual'] of one matrix; routed experts are not cached (a MoE layer's experts
-        together can be several GiB), everything else is read once per layer."""
+        """[units, residual'] of one matrix in its stored float dtype (bf16 stays bf16)."""
         key = (role, expert)
-        if key in self._cache:
-            return self._cache[key]
-        m = self.view.read(self.layer, role, expert)
+        if key in self._full:
+            return self._full[key]
+        m = self.view.read(self.layer, role, expert, keep_dtype=True)
         ok = m is not None and m.ndim == 2 and _residual_fits(m, role, self.res, self.side)
         x = to_units(m, role, self.res, self.side, self.device) if ok else None
-        if expert is None:
-            self._cache[key] = x
+        short = role.rsplit(".", 1)[-1]
+        if role in FFN_ROLES:
+            self._proj[key] = None if x is None else reduce_dims(x, self.proj_dim, SALT[short])
+        else:
+            self._full[key] = x
         return x
+
+    def projected(self, role: str, expert: int | None = None) -> torch.Tensor | None:
+        """[units, proj_dim] float32 of an FFN matrix (read and projected on first use)."""
+        key = (role, expert)
+        if key not in self._proj:
+            self.units(role, expert)
+        return self._proj[key]
 
     def blocks(self) -> list[tuple[str, int | None, dict[str, str]]]:
         out: list[tuple[str, int | None, dict[str, str]]] = []
@@ -93,8 +119,17 @@ class _Layer:
         return out
 
     def block(self, expert: int | None, roles: dict[str, str]) -> dict[str, torch.Tensor]:
-        got = {short: self.units(role, expert) for short, role in roles.items()}
+        """The block's projected matrices by short name (gate, up, down)."""
+        got = {short: self.projected(role, expert) for short, role in roles.items()}
         return {k: v for k, v in got.items() if v is not None}
+
+    def block_units(self, roles: dict[str, str], expert: int | None) -> int | None:
+        """Units of one FFN block from the header shapes alone (no read)."""
+        for short, role in roles.items():
+            shape = self.view.shape(self.layer, role, expert)
+            if shape is not None:
+                return shape[0] if short != "down" else shape[1]
+        return None
 
 
 def _residual_fits(m: torch.Tensor, role: str, res: Residual, side: str) -> bool:
@@ -128,8 +163,8 @@ def layer_pair(
     """
     res = prep.residual
     assert res is not None
-    A = _Layer(a, la, res, "a", device)
-    B = _Layer(b, lb, res, "b", device)
+    A = _Layer(a, la, res, "a", device, cfg.proj_dim)
+    B = _Layer(b, lb, res, "b", device, cfg.proj_dim)
     inplace: list[dict] = []
     roles: list[tuple[str, int | None]] = []
     if diagonal:
@@ -245,23 +280,35 @@ def _identity_tests(
 def _block_tests(
     a: ModelView, b: ModelView, A: _Layer, B: _Layer, la: int, lb: int, cfg: CompareConfig
 ) -> list[dict]:
-    """Blocks of the model with more FFN blocks (the MoE) matched into the other's units."""
+    """Blocks of the model with more FFN blocks (the MoE) matched into the other's units.
+
+    The pool is sized from the header shapes before anything is read; a pool over
+    `compare.max_pool_units` is not matched, and says so in the report (an `excluded` entry)."""
     blocks_a, blocks_b = A.blocks(), B.blocks()
     if not blocks_a or not blocks_b:
         return []
     src, dst, direction = (B, A, "b->a") if len(blocks_b) > len(blocks_a) else (A, B, "a->b")
-    pool_parts = [dst.block(e, roles) for _, e, roles in dst.blocks()]
-    pool_units = sum(next(iter(p.values())).shape[0] for p in pool_parts if p)
+    dst_blocks = dst.blocks()
+    sizes = [dst.block_units(roles, e) or 0 for _, e, roles in dst_blocks]
+    pool_units = sum(sizes)
     if pool_units > cfg.max_pool_units:
-        log.warning(
-            "layer %d/%d: %d pool units exceed compare.max_pool_units=%d; unit matching skipped",
-            la,
-            lb,
-            pool_units,
-            cfg.max_pool_units,
+        why = (
+            f"unit pool of {pool_units} units ({len(dst_blocks)} blocks) exceeds "
+            f"compare.max_pool_units={cfg.max_pool_units}; unit matching not run"
         )
-        return []
-    pool_parts = [p for p in pool_parts if p]
+        log.warning("layers %d/%d: %s", la, lb, why)
+        return [
+            {
+                "block": "all",
+                "expert": None,
+                "direction": direction,
+                "layer_a": la,
+                "layer_b": lb,
+                "excluded": why,
+                "pool": pool_units,
+            }
+        ]
+    pool_parts = [p for p in (dst.block(e, roles) for _, e, roles in dst_blocks) if p]
     local = None
     if len(pool_parts) > 1:
         local = np.concatenate([np.arange(next(iter(p.values())).shape[0]) for p in pool_parts])
@@ -269,11 +316,15 @@ def _block_tests(
     for short in ("gate", "up", "down"):
         parts = [p[short] for p in pool_parts if short in p]
         if len(parts) == len(pool_parts) and parts:
-            pool[short] = torch.cat(parts, dim=0)
+            pool[short] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    del pool_parts
+    # checked once per layer, not once per block matched into it; a degenerate pool is left to
+    # block_test, which then names the reason per block
+    pool_ok = not any(degenerate(x) for x in pool.values())
     out = []
     for label, expert, roles in src.blocks():
         blk = src.block(expert, roles)
-        t = block_test(blk, pool, cfg.lap_max_units, cfg.proj_dim, local)
+        t = block_test(blk, pool, cfg.lap_max_units, local, pool_checked=pool_ok)
         if t is None:
             continue
         group = src.view.group_of(src.layer, expert) if expert is not None else None

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[int | None, str, int | None]  # (layer, role, expert)
 READ_BUFFER = 32 << 20
+PLAIN_FLOATS = frozenset({"BF16", "F16", "F32", "F64"})
 
 
 @dataclass
@@ -102,21 +103,29 @@ class ModelView:
         entry = self.index.get((layer, role, expert))
         return None if entry is None else self.source.tensors[entry[0]]
 
-    def _rows(self, ref: TensorRef, r0: int, r1: int) -> torch.Tensor:
+    def _rows(self, ref: TensorRef, r0: int, r1: int, keep_dtype: bool = False) -> torch.Tensor:
+        """Rows [r0, r1) as float32 (or, with `keep_dtype`, the stored bf16 / fp16 / fp32),
+        copied exactly once out of the mapped window (the window is reused by the next read)."""
         if self._reader is None:
             self._reader = RowReader(self._files)
         x = self._reader.read(ref, r0, r1)
         scale = scale_for(self.source.tensors, ref)
-        return self._reader.widen(ref, x, r0, scale).to(torch.float32).clone()
+        x = self._reader.widen(ref, x, r0, scale)
+        if keep_dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            return x.clone()
+        return x.to(torch.float32, copy=True)
 
-    def read(self, layer: int | None, role: str, expert: int | None = None) -> torch.Tensor | None:
-        """The role's matrix, float32 [out, in] on the host; None when the model lacks it."""
+    def read(
+        self, layer: int | None, role: str, expert: int | None = None, keep_dtype: bool = False
+    ) -> torch.Tensor | None:
+        """The role's matrix, float32 [out, in] on the host (with `keep_dtype`, in its stored
+        float dtype); None when the model lacks it."""
         entry = self.index.get((layer, role, expert))
         if entry is None:
             return None
         name, part = entry
         ref, tr = self.source.tensors[name], self.rolemap.roles[name]
-        x = self._rows(ref, 0, ref.rows).reshape(ref.shape) if ref.shape else None
+        x = self._rows(ref, 0, ref.rows, keep_dtype).reshape(ref.shape) if ref.shape else None
         if x is None:
             return None
         if part is not None:
@@ -141,10 +150,19 @@ class ModelView:
         for r0, r1 in row_blocks(ref, 0, ref.rows, block):
             stop = int(torch.searchsorted(sorted_ids, r1))
             if stop > start:
-                rows = self._rows(ref, r0, r1)
-                out[order[start:stop]] = rows[sorted_ids[start:stop] - r0]
+                out[order[start:stop]] = self._picked_rows(ref, r0, r1, sorted_ids[start:stop] - r0)
             start = stop
         return out
+
+    def _picked_rows(self, ref: TensorRef, r0: int, r1: int, pick: torch.Tensor) -> torch.Tensor:
+        """Rows `pick` (relative to r0) of block [r0, r1) as float32: plain floats are picked
+        from the mapped window and only those rows widened (8,192 of a 152k-row embedding),
+        other dtypes (FP8 block scales, unsigned ints) are widened by block first."""
+        if ref.dtype in PLAIN_FLOATS:
+            if self._reader is None:
+                self._reader = RowReader(self._files)
+            return self._reader.read(ref, r0, r1)[pick].to(torch.float32)
+        return self._rows(ref, r0, r1)[pick]
 
     def close(self) -> None:
         self._files.close()
