@@ -46,6 +46,7 @@ def test_one_and_two_ranks_agree(tmp_path: Path) -> None:
     two = _torchrun(2, models, tmp_path / "two", tmp_path / "cache")
     one = _torchrun(1, models, tmp_path / "one", tmp_path / "cache")
     assert two["timing"]["world_size"] == 2 and one["timing"]["world_size"] == 1
+    assert set(one["timing"]["phases_s"]) == {"align", "sketch", "layers"}
 
     def key(doc: dict) -> list:
         return [

@@ -114,6 +114,7 @@ def test_zero_and_constant_models_are_never_related(tmp_path: Path) -> None:
     const = _degenerate_copy(base, tmp_path / "const", 0.02)
     other = write_base(tmp_path / "other", 12)
     doc = run_compare([base, zero, const, other], tmp_path / "out")
+    assert set(doc["timing"]["phases_s"]) == {"align", "sketch", "layers"}
     for p in doc["pairs"]:
         assert p["verdict"] != "related", (p["a"], p["b"], p["reason"])
     ez = next(p for p in doc["pairs"] if {p["a"], p["b"]} == {"base", "zero"})
@@ -135,3 +136,15 @@ def test_verdict_and_p_value_do_not_depend_on_argument_order(tmp_path: Path) -> 
     assert key(ab) == key(ba)
     assert key(ab)[frozenset(("base", "perm"))][0] == "related"
     assert SHAPE["num_hidden_layers"] == 4
+
+
+def test_a_pool_over_max_pool_units_is_named_in_the_report(tmp_path: Path) -> None:
+    """Pools are sized from header shapes; one too large is never skipped silently."""
+    base = write_base(tmp_path / "base")
+    moge = derive.moge_upcycle(base, tmp_path / "moge")
+    doc = run_compare([base, moge], tmp_path / "out", max_pool_units=8)
+    [pair] = doc["pairs"]
+    [fam] = [e for e in pair["evidence"] if e["kind"] == "expert_units"]
+    assert fam["log10_p"] is None and not fam["powered"]
+    assert "compare.max_pool_units=8" in fam["summary"] and "128 units" in fam["summary"]
+    assert [x["why"] for x in fam["excluded"]][0] == fam["summary"].split(": ", 1)[1]

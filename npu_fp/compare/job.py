@@ -35,6 +35,7 @@ from npu_fp.dist import (
 )
 from npu_fp.io.safetensors_header import CheckpointError
 from npu_fp.plan import longest_first
+from npu_fp.progress import Progress
 from npu_fp.signature import load_signature
 
 log = logging.getLogger(__name__)
@@ -56,26 +57,40 @@ class _Views:
             v.close()
 
 
-def _run_phase(ctx: DistContext, items: list[Any], costs: list[int], fn, label: str) -> dict | None:
-    """Run this rank's share of `items`; rank 0 gets {item: result} for all of them."""
+def _run_phase(
+    ctx: DistContext,
+    items: list[Any],
+    costs: list[int],
+    fn,
+    label: str,
+    phases: dict[str, float],
+    progress: bool,
+) -> dict | None:
+    """Run this rank's share of `items`; rank 0 gets {item: result} for all of them.
+
+    Costs are bytes read; rank 0 shows its share (scaled to the whole phase) as a progress bar
+    and `phases[label]` gets the phase's seconds on this rank (gather included)."""
     t0 = time.perf_counter()
     mine = longest_first(costs, ctx.world_size)[ctx.rank] if items else []
+    bar = Progress(
+        sum(costs[i] for i in mine) * ctx.world_size,
+        enabled=progress and ctx.is_main,
+        label=f"compare {label}",
+    )
     results, error = {}, None
     try:
         for i in mine:
             results[items[i]] = fn(items[i])
+            bar.advance(costs[i] * ctx.world_size)
     except (CheckpointError, OSError, RuntimeError, ValueError) as e:
         log.exception("rank %d failed in phase %s", ctx.rank, label)
         error = e
+    finally:
+        bar.close()
     main_raises_everywhere(ctx, error)
     gathered = gather_objects_to_main(ctx, results)
-    log.info(
-        "phase %s: %d items, %.2f s on rank %d",
-        label,
-        len(mine),
-        time.perf_counter() - t0,
-        ctx.rank,
-    )
+    phases[label] = round(time.perf_counter() - t0, 3)
+    log.info("phase %s: %d items, %.2f s on rank %d", label, len(mine), phases[label], ctx.rank)
     if gathered is None:
         return None
     merged = {k: v for part in gathered for k, v in part.items()}
@@ -131,6 +146,7 @@ def compare_models(
     if only is not None:  # a labelled benchmark asks for some pairs, not all N^2 / 2
         pairs = [(i, j) for i, j in pairs if frozenset((entries[i].name, entries[j].name)) in only]
     views = _Views(cfg)
+    phases: dict[str, float] = {}
     weighted = [
         k
         for k, (i, j) in enumerate(pairs)
@@ -146,7 +162,9 @@ def compare_models(
             i, j = pairs[k]
             return prepare(views(entries[i].weights), views(entries[j].weights), cc, device)
 
-        preps = _run_phase(ctx, weighted, [emb_cost(k) for k in weighted], do_prep, "align")
+        preps = _run_phase(
+            ctx, weighted, [emb_cost(k) for k in weighted], do_prep, "align", phases, cfg.progress
+        )
         preps = broadcast_object(ctx, preps)
         sk_items = [
             (k, side, layer)
@@ -169,7 +187,9 @@ def compare_models(
                 view_of(k, side), layer, preps[k].residual, side, device, cc.sketch_dim
             )
 
-        sketches = _run_phase(ctx, sk_items, [sk_cost(x) for x in sk_items], do_sketch, "sketch")
+        sketches = _run_phase(
+            ctx, sk_items, [sk_cost(x) for x in sk_items], do_sketch, "sketch", phases, cfg.progress
+        )
         matching, error = None, None
         if ctx.is_main:
             try:
@@ -191,7 +211,7 @@ def compare_models(
             return layer_pair(view_of(k, "a"), view_of(k, "b"), la, lb, preps[k], cc, device, diag)
 
         layer_results = _run_phase(
-            ctx, lp_items, [lp_cost(x) for x in lp_items], do_layer, "layers"
+            ctx, lp_items, [lp_cost(x) for x in lp_items], do_layer, "layers", phases, cfg.progress
         )
     finally:
         views.close()
@@ -200,6 +220,7 @@ def compare_models(
     timing = {
         "fingerprint_s": round(t_fp, 3),
         "pairwise_s": round(time.perf_counter() - t_start - t_fp, 3),
+        "phases_s": phases,  # align, sketch, layers: seconds on rank 0, gathers included
         "world_size": ctx.world_size,
         "device": ctx.device.type,
     }

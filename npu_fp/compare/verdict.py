@@ -299,6 +299,18 @@ def families(
         fams.append(_upcycling(experts))
     dropped = [b for lr in layers for b in lr["blocks"] if "excluded" in b]
     dropped += [lr["heads"] for lr in layers if lr.get("heads") and "excluded" in lr["heads"]]
+    skipped = [b for b in dropped if b.get("block") == "all"]  # pools over max_pool_units
+    if skipped and not any(f["kind"] in ("matched_units", "expert_units") for f in fams):
+        fams.append(
+            _entry(
+                "expert_units",
+                2,
+                None,
+                0,
+                False,
+                f"unit matching not run at {len(skipped)} layer pair(s): {skipped[0]['excluded']}",
+            )
+        )
     for f in fams:
         if f["kind"] in ("matched_units", "expert_units") and dropped:
             f["excluded"] = [
