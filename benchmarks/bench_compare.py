@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -71,14 +73,15 @@ def _layer_tensors(
     }
 
 
-def _write_sharded(
-    root: Path, shards: list[dict[str, torch.Tensor]], config: dict, tok: str
+def write_sharded(
+    root: Path, shards: Iterable[dict[str, torch.Tensor]], count: int, config: dict, tok: str
 ) -> None:
+    """A sharded HF-layout folder; shards are written as they come (one in memory at a time)."""
     tmp = root.with_name(root.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for i, shard in enumerate(shards):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        name = f"model-{i:05d}-of-{count:05d}.safetensors"
         save_file(shard, str(tmp / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -106,7 +109,7 @@ def write_pair(folder: Path, gib: float) -> tuple[Path, Path]:
     shards = [glob] + [
         _layer_tensors(shape, layer, g) for layer in range(shape["num_hidden_layers"])
     ]
-    _write_sharded(base, shards, zoo.qwen2_config(shape), tok)
+    write_sharded(base, shards, len(shards), zoo.qwen2_config(shape), tok)
     noisy = []
     gn = torch.Generator().manual_seed(1)
     for f in sorted(base.glob("model-*.safetensors")):
@@ -119,11 +122,28 @@ def write_pair(folder: Path, gib: float) -> tuple[Path, Path]:
                 for k, v in t.items()
             }
         )
-    _write_sharded(deriv, noisy, zoo.qwen2_config(shape), tok)
+    write_sharded(deriv, noisy, len(noisy), zoo.qwen2_config(shape), tok)
     return base, deriv
 
 
-def run(nproc: int, models: list[Path], out: Path, device: str) -> dict:
+def peak_rss_mib(out: Path) -> list[float]:
+    """Peak RSS of each rank, from the `peak RSS N MiB` lines of OUT/logs/rank<N>.log."""
+    peaks = []
+    for log in sorted((out / "logs").glob("rank*.log"), key=lambda p: int(p.stem[4:])):
+        found = re.findall(r"peak RSS (\d+) MiB", log.read_text())
+        peaks.append(max(map(float, found)) if found else float("nan"))
+    return peaks
+
+
+def run(
+    nproc: int,
+    models: list[Path],
+    out: Path,
+    device: str,
+    threads: int | None = None,
+    cache: Path | None = None,
+) -> dict:
+    """One `npu-fp compare` under torchrun; `threads` sets OMP_NUM_THREADS for every rank."""
     cmd = [
         sys.executable,
         "-m",
@@ -135,12 +155,13 @@ def run(nproc: int, models: list[Path], out: Path, device: str) -> dict:
         "compare",
         "compare.models=[" + ",".join(str(m) for m in models) + "]",
         f"hydra.run.dir={out}",
-        f"compare.cache_dir={out / 'cache'}",
+        f"compare.cache_dir={cache or out / 'cache'}",
         f"device={device}",
         "progress=false",
     ]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"compare with {nproc} rank(s) failed:\n{r.stderr[-4000:]}")
@@ -150,6 +171,8 @@ def run(nproc: int, models: list[Path], out: Path, device: str) -> dict:
         **doc["timing"],
         "verdict": doc["pairs"][0]["verdict"],
         "log10_p": doc["pairs"][0]["log10_p"],
+        "peak_rss_mib": peak_rss_mib(out),
+        "doc": doc,
     }
 
 
@@ -159,6 +182,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every rank")
     args = ap.parse_args()
     t0 = time.perf_counter()
     base, deriv = write_pair(args.folder, args.gib)
@@ -171,17 +195,20 @@ def main() -> None:
     rows = []
     for n in args.ranks:
         out = args.folder / f"run-{n}ranks-{int(time.time())}"
-        rows.append((n, run(n, [base, deriv], out, args.device)))
+        rows.append((n, run(n, [base, deriv], out, args.device, args.threads)))
     print(f"\ncompare of two {size:.2f} GiB checkpoints (bf16), host CPUs: {os.cpu_count()}\n")
     print(
         "| ranks | device | command wall (s) | fingerprint both (s) | pairwise tests (s) | "
-        "verdict | log10 p |"
+        "align / sketch / layers (s) | peak RSS per rank (MiB) | verdict | log10 p |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, r in rows:
+        ph = r["phases_s"]
         print(
             f"| {n} | {r['device']} | {r['wall']:.1f} | {r['fingerprint_s']:.1f} | "
-            f"{r['pairwise_s']:.1f} | {r['verdict']} | {r['log10_p']:.0f} |"
+            f"{r['pairwise_s']:.1f} | {ph['align']:.1f} / {ph['sketch']:.1f} / "
+            f"{ph['layers']:.1f} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mib'])} | "
+            f"{r['verdict']} | {r['log10_p']:.0f} |"
         )
 
 

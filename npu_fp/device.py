@@ -106,6 +106,15 @@ def _bf16_supported(dtype: str, name: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=8)
+def bf16_ok(device: torch.device) -> bool:
+    """Whether bf16 kernels run on this torch device (compare multiplies bf16 weights there)."""
+    if device.type not in ("cuda", "npu"):
+        return device.type == "cpu"
+    module = getattr(torch, device.type)
+    return _bf16_supported(device.type, str(module.get_device_name(device.index or 0)))
+
+
 def to_device_float(x: torch.Tensor, device: Device) -> torch.Tensor:
     """Move a host tensor to the device; bf16 is widened on the host where the device lacks it."""
     if x.dtype == torch.bfloat16 and not device.supports_bf16:

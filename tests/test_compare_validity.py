@@ -148,3 +148,17 @@ def test_a_pool_over_max_pool_units_is_named_in_the_report(tmp_path: Path) -> No
     assert fam["log10_p"] is None and not fam["powered"]
     assert "compare.max_pool_units=8" in fam["summary"] and "128 units" in fam["summary"]
     assert [x["why"] for x in fam["excluded"]][0] == fam["summary"].split(": ", 1)[1]
+
+
+def test_moe_vs_moe_over_max_pool_units_is_prematched_not_skipped(tmp_path: Path) -> None:
+    """Two MoGE models upcycled from one base (experts cut from 4 different FFN slices), with a
+    pool too big to match whole: each expert is matched into the experts its sketch picks, which
+    must be those cut from the same slice for the expert test to decide."""
+    base = write_base(tmp_path / "base")
+    one = derive.moge_upcycle(base, tmp_path / "one", 5)
+    two = derive.moge_upcycle(base, tmp_path / "two", 6)  # 16 experts of 32 units + 128 shared
+    doc = run_compare([one, two], tmp_path / "out", max_pool_units=100)
+    [pair] = doc["pairs"]
+    [fam] = [e for e in pair["evidence"] if e["kind"] == "expert_units"]
+    assert "1 to 3 most similar experts by Gram sketch" in fam["summary"], fam["summary"]
+    assert fam["log10_p"] < -6

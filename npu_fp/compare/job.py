@@ -12,6 +12,7 @@ No item depends on the rank or the world size, so 1 and N ranks give the same ve
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from itertools import combinations
 from pathlib import Path
@@ -215,6 +216,11 @@ def compare_models(
         )
     finally:
         views.close()
+    log.info(
+        "rank %d: compare peak RSS %.0f MiB",
+        ctx.rank,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     if not ctx.is_main:
         return None
     timing = {

@@ -20,6 +20,7 @@ from npu_fp.compare.units import (
     READERS,
     SALT,
     block_test,
+    expert_sketch,
     head_test,
     inplace_test,
     reduce_dims,
@@ -27,6 +28,7 @@ from npu_fp.compare.units import (
     to_units,
 )
 from npu_fp.config import CompareConfig
+from npu_fp.device import bf16_ok
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ FFN = {"gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
 SHARED = {"gate": "moe.shared.gate", "up": "moe.shared.up", "down": "moe.shared.down"}
 EXPERT = {"gate": "moe.expert.gate", "up": "moe.expert.up", "down": "moe.expert.down"}
 FFN_ROLES = frozenset((*FFN.values(), *SHARED.values(), *EXPERT.values()))
+PREMATCH_CANDIDATES = 4  # dst experts each expert is matched into when the whole pool is too big
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class _Layer:
         key = (role, expert)
         if key in self._full:
             return self._full[key]
-        m = self.view.read(self.layer, role, expert, keep_dtype=True)
+        m = self.view.read(self.layer, role, expert, keep_dtype=bf16_ok(self.device))
         ok = m is not None and m.ndim == 2 and _residual_fits(m, role, self.res, self.side)
         x = to_units(m, role, self.res, self.side, self.device) if ok else None
         short = role.rsplit(".", 1)[-1]
@@ -291,6 +294,8 @@ def _block_tests(
     dst_blocks = dst.blocks()
     sizes = [dst.block_units(roles, e) or 0 for _, e, roles in dst_blocks]
     pool_units = sum(sizes)
+    if pool_units > cfg.max_pool_units and len(dst_blocks) > 1 and len(src.blocks()) > 1:
+        return _prematched_tests(src, dst, dst_blocks, sizes, direction, la, lb, cfg)
     if pool_units > cfg.max_pool_units:
         why = (
             f"unit pool of {pool_units} units ({len(dst_blocks)} blocks) exceeds "
@@ -323,20 +328,66 @@ def _block_tests(
     pool_ok = not any(degenerate(x) for x in pool.values())
     out = []
     for label, expert, roles in src.blocks():
+        t = block_test(src.block(expert, roles), pool, cfg.lap_max_units, local, pool_ok)
+        if t is not None:
+            out.append(_block_entry(src, label, expert, direction, la, lb, t))
+    return out
+
+
+def _block_entry(
+    src: _Layer, label: str, expert: int | None, direction: str, la: int, lb: int, t: dict
+) -> dict:
+    group = src.view.group_of(src.layer, expert) if expert is not None else None
+    return {
+        "block": label,
+        "expert": expert,
+        "group": group,
+        "direction": direction,
+        "layer_a": la,
+        "layer_b": lb,
+        **t,
+    }
+
+
+def _prematched_tests(
+    src: _Layer,
+    dst: _Layer,
+    dst_blocks: list[tuple[str, int | None, dict[str, str]]],
+    sizes: list[int],
+    direction: str,
+    la: int,
+    lb: int,
+    cfg: CompareConfig,
+) -> list[dict]:
+    """MoE vs MoE with more units than `compare.max_pool_units` (91,392 for Pangu vs Pangu):
+    each block of `src` is matched into a pool of the `dst` blocks whose `expert_sketch` is most
+    similar (most similar first while they fit in max_pool_units, at most
+    PREMATCH_CANDIDATES), instead of into
+    every unit of the layer. The candidates are listed in the report."""
+    sketches = torch.stack([expert_sketch(dst.block(e, roles)) for _, e, roles in dst_blocks])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    out = []
+    for label, expert, roles in src.blocks():
         blk = src.block(expert, roles)
-        t = block_test(blk, pool, cfg.lap_max_units, local, pool_checked=pool_ok)
-        if t is None:
+        sim = sketches @ expert_sketch(blk) if blk else None
+        if sim is None or sim.numel() == 0:
             continue
-        group = src.view.group_of(src.layer, expert) if expert is not None else None
-        out.append(
-            {
-                "block": label,
-                "expert": expert,
-                "group": group,
-                "direction": direction,
-                "layer_a": la,
-                "layer_b": lb,
-                **t,
-            }
-        )
+        picked, units = [], 0  # most similar first, while the pool fits max_pool_units
+        for k in torch.argsort(sim, descending=True).tolist():
+            if len(picked) == PREMATCH_CANDIDATES or (
+                picked and units + sizes[k] > cfg.max_pool_units
+            ):
+                break
+            picked.append(k)
+            units += sizes[k]
+        picked.sort()
+        parts = [dst.block(dst_blocks[k][1], dst_blocks[k][2]) for k in picked]
+        shorts = [r for r in ("gate", "up", "down") if all(r in p for p in parts)]
+        pool = {r: torch.cat([p[r] for p in parts], dim=0) for r in shorts}
+        local = np.concatenate([np.arange(sizes[k]) for k in picked])
+        place = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in picked])
+        t = block_test(blk, pool, cfg.lap_max_units, local, place=(place, int(offsets[-1])))
+        if t is not None:
+            t["candidates"] = [dst_blocks[k][0] for k in picked]
+            out.append(_block_entry(src, label, expert, direction, la, lb, t))
     return out

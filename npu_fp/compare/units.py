@@ -26,6 +26,7 @@ from npu_fp.compare.align import Residual, selfnorm_z
 from npu_fp.compare.exact import degenerate
 from npu_fp.compare.margins import margin_logp
 from npu_fp.compare.stats import agreement_z, log_norm_sf, spearman
+from npu_fp.device import bf16_ok
 
 # Roles whose matrix reads the residual stream on its input side (columns); the others write it.
 READERS = frozenset(
@@ -44,6 +45,11 @@ READERS = frozenset(
 )
 WRITERS = frozenset({"attn.o", "mlp.down", "moe.expert.down", "moe.shared.down"})
 HIST_BINS = 64
+# Similarity matrices of at least this many cells are multiplied in bf16 (3x the fp32 rate here:
+# 1344 x 13824 expert-into-FFN matchings); smaller ones, which include every real-weight null
+# pair the margin envelope was calibrated on, stay float32. bf16 cosines carry 3 digits: enough
+# to rank a parent unit (cosine ~0.99) far above the rest.
+BF16_MIN_CELLS = 1 << 24
 
 
 def to_units(
@@ -79,9 +85,10 @@ def projection(dim: int, k: int, device: torch.device, salt: int = 0) -> torch.T
 
 
 def project(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """x @ p as float32; bf16 rows are multiplied in bf16 (4.5x the fp32 matmul rate on this
-    host, and no widened copy of the full-width rows), everything else in float32."""
-    if x.dtype == torch.bfloat16:
+    """x @ p as float32; bf16 rows are multiplied in bf16 where the device has bf16 kernels
+    (4.5x the fp32 matmul rate on this host, and no widened copy of the full-width rows),
+    everything else in float32."""
+    if x.dtype == torch.bfloat16 and bf16_ok(x.device):
         return (x @ p.to(torch.bfloat16)).float()
     return x.float() @ p
 
@@ -117,6 +124,8 @@ def match(x: torch.Tensor, y: torch.Tensor, lap_max: int) -> tuple[np.ndarray, s
     xn = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
     yn = y.float() / y.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
     n, m = x.shape[0], y.shape[0]
+    if n * m >= BF16_MIN_CELLS and bf16_ok(xn.device):
+        xn, yn = xn.to(torch.bfloat16), yn.to(torch.bfloat16)
     out = np.empty(n, dtype=np.int64)
     step = max(1, (1 << 24) // max(m, 1))
     yt = yn.t().contiguous()  # a transposed view can take a slow non-BLAS path on the host
@@ -126,7 +135,7 @@ def match(x: torch.Tensor, y: torch.Tensor, lap_max: int) -> tuple[np.ndarray, s
         return out, "argmax"
     if np.unique(out).size == n:
         return out, "lap"
-    c = (xn @ yt).double().cpu().numpy()
+    c = (xn @ yt).float().cpu().numpy()
     rows, cols = linear_sum_assignment(c, maximize=True)
     out[rows] = cols
     return out, "lap"
@@ -149,11 +158,14 @@ def block_test(
     lap_max: int,
     local: np.ndarray | None = None,
     pool_checked: bool = False,
+    place: tuple[np.ndarray, int] | None = None,
 ) -> dict | None:
     """Match one FFN block's units (gate rows, up rows, down columns) into a pool of units.
 
     Both sides are projected rows (`reduce_dims`, the same axes for both models); `pool_checked`
     says the caller already ran `degenerate` on the pool (it is shared by every block of a layer).
+    `place` = (unit index of each pool row in the whole model's layer, units there): the
+    histogram of parent positions is then over the whole layer (a pre-matched candidate pool).
 
     `local` maps a pool index to its unit index inside its own block: when the pool holds several
     blocks (the experts of a MoE), agreement is judged on that index, so a unit matched by gate in
@@ -172,7 +184,8 @@ def block_test(
     keys = [local[mp] for mp in maps] if local is not None else maps
     rhos, z, logp = agreement(keys, n)
     agree = np.all([k == keys[0] for k in keys[1:]], axis=0)
-    hist = np.bincount((maps[0][agree] * HIST_BINS) // m, minlength=HIST_BINS)
+    where, total = place if place is not None else (np.arange(m), m)
+    hist = np.bincount((where[maps[0][agree]] * HIST_BINS) // total, minlength=HIST_BINS)
     agreeing = int(agree.sum())
     return {
         "n": n,
@@ -187,6 +200,21 @@ def block_test(
         "hist": hist.tolist(),
         "method": matched[0][1],
     }
+
+
+def expert_sketch(block: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A unit-order-free sketch of one FFN block from its projected rows: per matrix the Gram
+    X^T X / n with its isotropic part removed, unit-normed, concatenated. Experts cut from the
+    same parent units share it; independent experts' sketches are near-orthogonal noise."""
+    parts = []
+    for short in ("gate", "up", "down"):
+        x = block.get(short)
+        if x is None:
+            continue
+        g = (x.t() @ x).double() / max(x.shape[0], 1)
+        g -= torch.eye(g.shape[0], dtype=g.dtype, device=g.device) * g.diagonal().mean()
+        parts.append(g.flatten() / g.norm().clamp_min(1e-30))
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def heads(x: torch.Tensor, count: int) -> torch.Tensor:

@@ -396,13 +396,23 @@ def _upcycling(blocks: list[dict]) -> dict:
         len(blocks),
         True,
         f"{len(experts)} experts of {src} matched into the other model's FFN units: "
-        f"{frac:.0%} of expert units agree with one parent unit",
+        f"{frac:.0%} of expert units agree with one parent unit" + _prematch_note(blocks),
         direction=direction,
         experts=experts,
         groups=group_rows,
         localization=_localize(
             [{**b, "role": b["block"], "log_p": b["margin_log_p"]} for b in blocks]
         ),
+    )
+
+
+def _prematch_note(blocks: list[dict]) -> str:
+    counts = {len(b["candidates"]) for b in blocks if "candidates" in b}
+    if not counts:
+        return ""
+    return (
+        f" (pool over compare.max_pool_units: each expert matched into its {min(counts)} to "
+        f"{max(counts)} most similar experts by Gram sketch)"
     )
 
 
