@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -135,6 +136,11 @@ def peak_rss_mib(out: Path) -> list[float]:
     return peaks
 
 
+def _children_cpu_s() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
 def run(
     nproc: int,
     models: list[Path],
@@ -160,14 +166,15 @@ def run(
         "progress=false",
     ]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu_s()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
     if r.returncode != 0:
         raise SystemExit(f"compare with {nproc} rank(s) failed:\n{r.stderr[-4000:]}")
     doc = json.loads((out / "report.json").read_text())
     return {
         "wall": wall,
+        "cpu_s": cpu,  # user + system seconds of all ranks (and torchrun): wall on idle cores
         **doc["timing"],
         "verdict": doc["pairs"][0]["verdict"],
         "log10_p": doc["pairs"][0]["log10_p"],
@@ -198,14 +205,15 @@ def main() -> None:
         rows.append((n, run(n, [base, deriv], out, args.device, args.threads)))
     print(f"\ncompare of two {size:.2f} GiB checkpoints (bf16), host CPUs: {os.cpu_count()}\n")
     print(
-        "| ranks | device | command wall (s) | fingerprint both (s) | pairwise tests (s) | "
-        "align / sketch / layers (s) | peak RSS per rank (MiB) | verdict | log10 p |"
+        "| ranks | device | command wall (s) | CPU s, all ranks | fingerprint both (s) | "
+        "pairwise tests (s) | align / sketch / layers (s) | peak RSS per rank (MiB) | verdict "
+        "| log10 p |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n, r in rows:
         ph = r["phases_s"]
         print(
-            f"| {n} | {r['device']} | {r['wall']:.1f} | {r['fingerprint_s']:.1f} | "
+            f"| {n} | {r['device']} | {r['wall']:.1f} | {r['cpu_s']:.0f} | {r['fingerprint_s']:.1f} | "
             f"{r['pairwise_s']:.1f} | {ph['align']:.1f} / {ph['sketch']:.1f} / "
             f"{ph['layers']:.1f} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mib'])} | "
             f"{r['verdict']} | {r['log10_p']:.0f} |"

@@ -314,14 +314,15 @@ def report(args: argparse.Namespace) -> None:
         + "\n"
     )
     print(
-        "| run | ranks | wall (s) | fingerprint (s) | align / sketch / layers (s) | "
-        "peak RSS per rank (MiB) | verdict | log10 p |"
+        "| run | ranks | wall (s) | CPU s, all ranks | fingerprint (s) | align / sketch / layers "
+        "(s) | peak RSS per rank (MiB) | verdict | log10 p |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, r in runs.items():
         ph = r["phases_s"]
         print(
-            f"| Qwen vs upcycled | {n} | {r['wall']:.0f} | {r['fingerprint_s']:.0f} | "
+            f"| Qwen vs upcycled | {n} | {r['wall']:.0f} | {r['cpu_s']:.0f} | "
+            f"{r['fingerprint_s']:.0f} | "
             f"{ph['align']:.0f} / {ph['sketch']:.0f} / {ph['layers']:.0f} | "
             f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mib'])} | {r['verdict']} | "
             f"{r['log10_p']:.0f} |"
@@ -329,7 +330,7 @@ def report(args: argparse.Namespace) -> None:
     for p in three["doc"]["pairs"]:
         lp = "-" if p["log10_p"] is None else f"{p['log10_p']:.0f}"
         print(
-            f"| {p['a']} vs {p['b']} (3-model run) | {max(args.ranks)} | | | | | "
+            f"| {p['a']} vs {p['b']} (3-model run) | {max(args.ranks)} | | | | | | "
             f"{p['verdict']} | {lp} |"
         )
     if "error" in act:
@@ -382,6 +383,12 @@ def _projection(runs: dict, L: int, sizes: dict, args: argparse.Namespace) -> No
         f"{per_layer:.1f} s (sketch + layers per layer) = {pairwise48 / 60:.1f} min pairwise; "
         f"fingerprints (not cached) about {fp48 / 60:.1f} min more "
         f"({one['fingerprint_s']:.0f} s x 48 / {L})"
+    )
+    busy = one["cpu_s"] / one["wall"]  # < 1 when other processes share the cores
+    print(
+        f"on an idle core (1 rank, {args.threads} thread: the rank ran {busy:.0%} of its wall "
+        f"time; load average now {os.getloadavg()[0]:.1f}): about "
+        f"{pairwise48 * busy / 60:.1f} min pairwise"
     )
     for n, r in runs.items():
         if n != min(runs):
