@@ -289,7 +289,10 @@ def mdir_score(ea: torch.Tensor, eb: torch.Tensor) -> dict | None:
     den = float(a.norm() * b.norm())
     if den == 0.0 or not math.isfinite(den):
         return None
-    rho = float(torch.linalg.svdvals(a.t() @ b).sum()) / den
+    m = a.t() @ b
+    # nuclear norm as the sum of sqrt(eigenvalues) of the symmetric Gram: 3.8x faster than
+    # svdvals at 5120 x 5120 on this host (35 s vs 132 s on one thread), equal to 3e-15
+    rho = float(torch.linalg.eigvalsh(m.t() @ m).clamp_min(0.0).sqrt().sum()) / den
     rho0 = 8.0 / (3.0 * math.pi) * math.sqrt(d / t)
     log_p = 0.0 if rho <= rho0 else -t * d * (rho - rho0) ** 2 / 2.0
     return {
