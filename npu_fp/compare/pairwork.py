@@ -285,8 +285,10 @@ def _block_tests(
 ) -> list[dict]:
     """Blocks of the model with more FFN blocks (the MoE) matched into the other's units.
 
-    The pool is sized from the header shapes before anything is read; a pool over
-    `compare.max_pool_units` is not matched, and says so in the report (an `excluded` entry)."""
+    The pool is sized from the header shapes before anything is read. A pool over
+    `compare.max_pool_units` is pre-matched when both sides have several blocks (MoE vs MoE,
+    `_prematched_tests`); otherwise it is not matched and says so in the report (an `excluded`
+    entry)."""
     blocks_a, blocks_b = A.blocks(), B.blocks()
     if not blocks_a or not blocks_b:
         return []
