@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from npu_fp.config import ActivationsConfig
-from npu_fp.dist import DistContext, main_raises_everywhere
+from npu_fp.device import free_memory_bytes
+from npu_fp.dist import DistContext, main_raises_everywhere, ranks_on_host, reduce_rows_to_main
 from npu_fp.forward.corpus import make_batches
 from npu_fp.forward.errors import (
     ActivationInputError,
@@ -46,6 +47,10 @@ class ActivationResult:
     # one row per (MoE layer, expert), then one per (layer, group) with expert None
     routing: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    # per rank (lists indexed by rank): whether its layers stayed resident, checkpoint bytes read
+    # to build layers and in all (embeddings included), layer builds; depends on ranks and budget,
+    # so it is kept out of `settings` (which signatures compare)
+    reads: dict = field(default_factory=dict)
 
 
 def compute_dtype(cfg: ActivationsConfig, ctx: DistContext) -> torch.dtype:
@@ -98,7 +103,10 @@ def run_activations(
             else []
         )
         tables = NormTables.zeros(batches.num_batches, model.num_layers, model.max_experts)
-        streamer = LayerStreamer(model, tables, cfg.layers_per_block)
+        keep_all = cfg.mode == "pipeline" and fits_resident(
+            ctx, cfg, model, stages[ctx.rank], batches.num_batches
+        )
+        streamer = LayerStreamer(model, tables, cfg.layers_per_block, keep_all=keep_all)
         error: BaseException | None = None
         try:
             if cfg.mode == "pipeline" and ctx.world_size > 1:
@@ -111,12 +119,16 @@ def run_activations(
         main_raises_everywhere(ctx, error)
         tables = reduce_tables(ctx, tables)
         log.info(
-            "rank %d: %d layer builds, peak %.1f MiB of layer weights, %.1f MiB of hidden states",
+            "rank %d: %d layer builds, %d checkpoint bytes read for layers (%d in all), peak "
+            "%.1f MiB of layer weights, %.1f MiB of hidden states",
             ctx.rank,
             streamer.layers_built,
+            streamer.layer_bytes_read,
+            model.reader.bytes_read,
             streamer.peak_weight_bytes / 2**20,
             streamer.peak_hidden_bytes / 2**20,
         )
+        reads = gather_reads(ctx, streamer, model.reader.bytes_read)
     finally:
         model.close()
     if not ctx.is_main:
@@ -137,7 +149,68 @@ def run_activations(
         "family": model.family.name,
         "num_layers": model.num_layers,
     }
-    return finish(tables, model.layer_experts, model.experts_per_group(), settings)
+    result = finish(tables, model.layer_experts, model.experts_per_group(), settings)
+    return replace(result, reads=reads)
+
+
+def fits_resident(
+    ctx: DistContext, cfg: ActivationsConfig, model: StreamModel, stage: range, num_batches: int
+) -> bool:
+    """Pipeline mode: keep this rank's stage on its device when it fits the budget and when there
+    is more than one pass (one pass reads every layer once anyway)."""
+    need = sum(model.resident_bytes(i) for i in stage)
+    if cfg.resident_bytes is not None:
+        budget, rule = cfg.resident_bytes, "activations.resident_bytes"
+    else:
+        sharing = 1 if ctx.device.type != "cpu" else ranks_on_host(ctx)
+        budget = free_memory_bytes(ctx.device) // (2 * sharing)
+        rule = f"half the free memory of {ctx.device.name}" + (
+            f" shared by {sharing} ranks" if sharing > 1 else ""
+        )
+    passes = math.ceil(num_batches / cfg.pass_batches)
+    if passes == 1:
+        log.info("rank %d: one pass: layers are streamed (each is read once anyway)", ctx.rank)
+        return False
+    if need > budget:
+        log.info(
+            "rank %d: layers %d-%d stream once per pass (%d passes): %.1f MiB of weights exceed "
+            "the resident budget of %.1f MiB (%s)",
+            ctx.rank,
+            stage.start,
+            stage.stop - 1,
+            passes,
+            need / 2**20,
+            budget / 2**20,
+            rule,
+        )
+        return False
+    log.info(
+        "rank %d: layers %d-%d stay resident (%.1f MiB of a %.1f MiB budget, %s): the checkpoint "
+        "is read once for %d passes",
+        ctx.rank,
+        stage.start,
+        stage.stop - 1,
+        need / 2**20,
+        budget / 2**20,
+        rule,
+        passes,
+    )
+    return True
+
+
+READ_FIELDS = ("resident", "layer_bytes_read", "bytes_read", "layers_built")
+
+
+def gather_reads(ctx: DistContext, streamer: LayerStreamer, bytes_read: int) -> dict:
+    """Each rank's read counters, one row per rank summed onto rank 0 (collective)."""
+    table = torch.zeros(ctx.world_size, len(READ_FIELDS), dtype=torch.int64)
+    table[ctx.rank] = torch.tensor(
+        [int(streamer.keep_all), streamer.layer_bytes_read, bytes_read, streamer.layers_built]
+    )
+    table = reduce_rows_to_main(ctx, table)
+    reads = {k: table[:, j].tolist() for j, k in enumerate(READ_FIELDS)}
+    reads["resident"] = [bool(v) for v in reads["resident"]]
+    return reads
 
 
 def finish(

@@ -115,11 +115,20 @@ class ActivationsConfig:
     # larger passes read the checkpoint fewer times at the cost of pass x batch x seq x hidden
     # activations on the device
     pass_batches: int = 16
+    # mode=pipeline: a rank whose stage of layers (in the compute dtype) fits this many bytes keeps
+    # it on its device for the whole run, so it reads its slice of the checkpoint once, not once
+    # per pass; else it streams as data mode does. None: half the free memory of the selected
+    # device (host RAM available on the CPU, divided among the ranks of the host); 0: always stream
+    resident_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "num_batches", "layers_per_block", "pass_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"activations.{name} must be > 0, got {getattr(self, name)}")
+        if self.resident_bytes is not None and self.resident_bytes < 0:
+            raise ValueError(
+                f"activations.resident_bytes must be >= 0 or null, got {self.resident_bytes}"
+            )
         _choice(self, "mode", ActivationsMode, "activations.mode")
         _choice(self, "dtype", ActivationsDtype, "activations.dtype")
 

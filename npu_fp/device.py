@@ -60,6 +60,22 @@ class Device:
         return 32 << 20 if self.type == "cpu" else 256 << 20
 
 
+def free_memory_bytes(device: Device) -> int:
+    """Memory this device can still allocate: free device memory on an accelerator, available
+    host RAM (`MemAvailable`, which counts reclaimable page cache) on the CPU."""
+    if device.type in ("cuda", "npu"):
+        free, _total = getattr(torch, device.type).mem_get_info(device.index or 0)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc: free pages only
+
+
 def available_type() -> str:
     if torch.cuda.is_available():
         return "cuda"

@@ -97,6 +97,14 @@ def distributed(device_request: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> It
             dist.destroy_process_group()
 
 
+def ranks_on_host(ctx: DistContext) -> int:
+    """Ranks sharing this host's RAM: torchrun's LOCAL_WORLD_SIZE, else every rank of the job."""
+    try:
+        return max(int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)), 1)
+    except ValueError:
+        return max(ctx.world_size, 1)
+
+
 def reduce_rows_to_main(ctx: DistContext, table: torch.Tensor) -> torch.Tensor:
     """Sum a [n_slots, n_fields] table onto rank 0, where each rank filled only its own slots.
 

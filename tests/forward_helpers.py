@@ -316,15 +316,23 @@ def pangu_reference(cfg: dict, t: dict, ids: torch.Tensor) -> dict:
 # -- torchrun worker ------------------------------------------------------------------------------
 
 
-def activation_runs(ctx, model_dir: str) -> dict | None:
-    """The activation step in data and pipeline mode; rank 0 gets {mode: result dict}."""
+# run name -> (activations.mode, activations.resident_bytes): pipeline keeps stages resident when
+# they fit the automatic budget (a tiny model always does); pipeline_stream forces streaming
+RUNS = {"data": ("data", None), "pipeline": ("pipeline", None), "pipeline_stream": ("pipeline", 0)}
+
+
+def activation_runs(
+    ctx, model_dir: str, runs: tuple[str, ...] = ("data", "pipeline")
+) -> dict | None:
+    """The activation step for each run of RUNS named; rank 0 gets {run: result dict}."""
     from npu_fp.activations import run_activations
     from npu_fp.config import ActivationsConfig
     from npu_fp.io.source import open_model
 
     results = {}
     source = open_model(model_dir)
-    for mode in ("data", "pipeline"):
+    for run in runs:
+        mode, resident_bytes = RUNS[run]
         cfg = ActivationsConfig(
             batch_size=2,
             seq_len=16,
@@ -333,21 +341,27 @@ def activation_runs(ctx, model_dir: str) -> dict | None:
             mode=mode,
             pass_batches=2,
             layers_per_block=1,
+            resident_bytes=resident_bytes,
         )
         res = run_activations(ctx, cfg, source.root, source)
         if res is not None:
-            results[mode] = {"rows": res.rows, "routing": res.routing, "settings": res.settings}
+            results[run] = {
+                "rows": res.rows,
+                "routing": res.routing,
+                "settings": res.settings,
+                "reads": res.reads,
+            }
     return results or None
 
 
-def _worker(model_dir: str, out_path: str) -> None:
+def _worker(model_dir: str, out_path: str, runs: str) -> None:
     from npu_fp.dist import distributed
 
     with distributed("cpu") as ctx:
-        results = activation_runs(ctx, model_dir)
+        results = activation_runs(ctx, model_dir, tuple(runs.split(",")))
     if results is not None:
         Path(out_path).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "data,pipeline")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -186,7 +187,16 @@ def test_outputs_are_written(tmp_path):
     result = run_activations(ctx1(), cfg, str(tmp_path / "m"), open_model(tmp_path / "m"))
     paths = write_activation_outputs(result, tmp_path / "out")
     names = sorted(p.name for p in paths)
-    assert names == ["activations.csv", "activations.png", "activations_routing.csv"]
+    assert names == [
+        "activations.csv",
+        "activations.png",
+        "activations_reads.json",
+        "activations_routing.csv",
+    ]
+    reads = json.loads((tmp_path / "out" / "activations_reads.json").read_text())
+    stored = sum(r.nbytes for n, r in open_model(tmp_path / "m").tensors.items() if ".layers." in n)
+    # data mode, one pass: every layer read once, none kept resident
+    assert reads["layer_bytes_read"] == [stored] and reads["resident"] == [False]
     with open(tmp_path / "out" / "activations.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["layer", "stream", "mean_norm", "std_norm", "tokens", "nan", "inf"]

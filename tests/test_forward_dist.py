@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def torchrun(nproc: int, model: Path, out: Path) -> dict:
+def torchrun(nproc: int, model: Path, out: Path, runs: str = "data,pipeline") -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -33,6 +33,7 @@ def torchrun(nproc: int, model: Path, out: Path) -> dict:
         str(HERE / "forward_helpers.py"),
         str(model),
         str(out),
+        runs,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -65,6 +66,45 @@ def test_ranks_and_modes_give_identical_norms(tmp_path):
             assert res[mode]["rows"] == base["rows"], (n, mode)
             assert res[mode]["routing"] == base["routing"], (n, mode)
             assert res[mode]["settings"]["tokens_sha256"] == base["settings"]["tokens_sha256"]
+
+
+def _layer_bytes(model: Path, layers: int) -> list[int]:
+    """Stored bytes of each layer's tensors, from the safetensors header (not npu_fp's reader)."""
+    from safetensors import safe_open
+
+    sizes = [0] * layers
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            if name.startswith("model.layers."):
+                t = f.get_tensor(name)
+                sizes[int(name.split(".")[2])] += t.numel() * t.element_size()
+    return sizes
+
+
+def test_resident_pipeline_reads_each_layer_once(tmp_path):
+    """2 ranks, 4 layers, 3 passes: resident stages read their bytes once, streaming ones 3 times,
+    and all three runs give bit-identical norms and routing."""
+    from npu_fp.forward.parallel import pipeline_stages
+
+    model = tmp_path / "pangu"
+    save_pangu(model, layers=4)
+    res = torchrun(2, model, tmp_path / "out.json", "data,pipeline,pipeline_stream")
+    sizes = _layer_bytes(model, 4)
+    stages = pipeline_stages(sizes, 2)
+    assert [len(s) for s in stages] == [2, 2]  # several blocks per stage: streaming re-reads
+    stage_bytes = [sum(sizes[i] for i in s) for s in stages]
+    passes = 3  # 5 batches, 2 per pass
+    resident, stream, data = res["pipeline"], res["pipeline_stream"], res["data"]
+    assert resident["reads"]["resident"] == [True, True]
+    assert resident["reads"]["layer_bytes_read"] == stage_bytes
+    assert resident["reads"]["layers_built"] == [2, 2]
+    assert stream["reads"]["resident"] == [False, False]
+    assert stream["reads"]["layer_bytes_read"] == [passes * b for b in stage_bytes]
+    # data mode: rank 0 has batches 0, 2, 4 (2 passes), rank 1 batches 1, 3 (1 pass)
+    assert data["reads"]["layer_bytes_read"] == [2 * sum(sizes), sum(sizes)]
+    assert resident["rows"] == data["rows"] == stream["rows"]
+    assert resident["routing"] == data["routing"] == stream["routing"]
+    assert all(r["tokens"] == 5 * 2 * 16 for r in resident["rows"])
 
 
 PEAK_SCRIPT = r"""

@@ -13,6 +13,7 @@ module; its layer lives in `pangu.py`.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,6 +280,15 @@ class StreamModel:
 
     def layer_bytes(self, i: int) -> int:
         return sum(r.nbytes for r in self.layer_tensors[i].values())
+
+    def resident_bytes(self, i: int) -> int:
+        """Device bytes of layer i's module in the compute dtype (after validate())."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        total = 0
+        for key, shape in self._expected[i].items():
+            fp32 = self.family.keep_fp32 and key.endswith(self.family.keep_fp32)
+            total += math.prod(shape) * (4 if fp32 else size)
+        return total
 
     def max_positions(self) -> int | None:
         value = getattr(self.hf_config, "max_position_embeddings", None)

@@ -2,7 +2,9 @@
 
 Hidden states of a pass (a few batches) stay on the device; the layers go through one block at a
 time: built from the checkpoint, applied to every batch of the pass, freed. Memory is therefore one
-block of weights plus the pass's activations, whatever the depth.
+block of weights plus the pass's activations, whatever the depth. With `keep_all` (the pipeline's
+resident mode, chosen when a rank's stage fits its budget) the blocks stay until the run ends, so
+each layer is read from the checkpoint once however many passes there are.
 
 Per batch, layer and stream the recorder stores sufficient statistics of the per-token L2 norms
 (computed in fp32 on the device, summed in float64 on the host with numpy's pairwise sum): token
@@ -109,33 +111,42 @@ class LayerStreamer:
         tables: NormTables,
         layers_per_block: int,
         capture: Callable[[int, int, torch.Tensor], None] | None = None,
+        keep_all: bool = False,
     ) -> None:
         self.model = model
         self.recorder = Recorder(tables)
         self.layers_per_block = layers_per_block
         self.capture = capture
-        self._resident: tuple[tuple[int, ...], list[nn.Module]] | None = None
+        # keep_all: every block built stays on the device until release(), so a rank whose layers
+        # fit reads them from the checkpoint once per run instead of once per pass
+        self.keep_all = keep_all
+        self._blocks: dict[tuple[int, ...], list[nn.Module]] = {}
         self.peak_weight_bytes = 0  # most layer weight bytes alive at once
         self.peak_hidden_bytes = 0
         self.layers_built = 0
+        self.layer_bytes_read = 0  # checkpoint bytes read to build layers (embeddings excluded)
 
     def _block(self, block: tuple[int, ...]) -> list[nn.Module]:
-        if self._resident is not None and self._resident[0] == block:
-            return self._resident[1]
-        self.release()  # the old block goes before the new one is read
+        if block in self._blocks:
+            return self._blocks[block]
+        if not self.keep_all:
+            self.release()  # the old block goes before the new one is read
         fam = self.model.family
         mods = []
+        before = self.model.reader.bytes_read
         for i in block:
             mod = self.model.build_layer(i)
             self.recorder.attach(mod, fam.attn_path, fam.mlp_path)
             mods.append(mod)
             self.layers_built += 1
-        self.peak_weight_bytes = max(self.peak_weight_bytes, sum(module_bytes(m) for m in mods))
-        self._resident = (block, mods)
+        self.layer_bytes_read += self.model.reader.bytes_read - before
+        self._blocks[block] = mods
+        alive = sum(module_bytes(m) for ms in self._blocks.values() for m in ms)
+        self.peak_weight_bytes = max(self.peak_weight_bytes, alive)
         return mods
 
     def release(self) -> None:
-        self._resident = None
+        self._blocks.clear()
 
     def run(self, hidden: list[torch.Tensor], batch_slots: Sequence[int], layers: range) -> None:
         """Apply `layers` to every hidden state of the pass, in place in the list."""
@@ -160,5 +171,5 @@ class LayerStreamer:
                         if self.capture is not None:
                             self.capture(slot, i, h)
                     hidden[j] = h
-        if len(range(layers.start, layers.stop, step)) > 1:
+        if not self.keep_all and len(range(layers.start, layers.stop, step)) > 1:
             self.release()  # several blocks: the next pass streams them again from the first

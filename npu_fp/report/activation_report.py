@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,7 +15,8 @@ from npu_fp.signature import rows_csv
 
 
 def write_activation_outputs(result: ActivationResult, out_dir: Path) -> list[Path]:
-    """activations.csv, activations_routing.csv (MoE only) and activations.png, each atomically."""
+    """activations.csv, activations_routing.csv (MoE only), activations.png and
+    activations_reads.json (per-rank checkpoint reads, when recorded), each atomically."""
     out_dir = Path(out_dir)
     paths = [write_text_atomic(out_dir / "activations.csv", rows_csv(result.rows, ROW_FIELDS))]
     if result.routing:
@@ -26,6 +28,9 @@ def write_activation_outputs(result: ActivationResult, out_dir: Path) -> list[Pa
     paths.append(
         write_with_atomic(out_dir / "activations.png", lambda tmp: plot_activations(result, tmp))
     )
+    if result.reads:
+        text = json.dumps({"mode": result.settings.get("mode"), **result.reads}, indent=1) + "\n"
+        paths.append(write_text_atomic(out_dir / "activations_reads.json", text))
     return paths
 
 
