@@ -48,8 +48,8 @@ class ActivationResult:
     routing: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     # per rank (lists indexed by rank): whether its layers stayed resident, checkpoint bytes read
-    # to build layers and in all (embeddings included), layer builds; depends on ranks and budget,
-    # so it is kept out of `settings` (which signatures compare)
+    # to build layers and in all (embeddings included), layer builds, most layer weight bytes alive
+    # at once; they depend on ranks and budget, so they stay out of `settings` (signatures compare)
     reads: dict = field(default_factory=dict)
 
 
@@ -198,14 +198,20 @@ def fits_resident(
     return True
 
 
-READ_FIELDS = ("resident", "layer_bytes_read", "bytes_read", "layers_built")
+READ_FIELDS = ("resident", "layer_bytes_read", "bytes_read", "layers_built", "peak_weight_bytes")
 
 
 def gather_reads(ctx: DistContext, streamer: LayerStreamer, bytes_read: int) -> dict:
     """Each rank's read counters, one row per rank summed onto rank 0 (collective)."""
     table = torch.zeros(ctx.world_size, len(READ_FIELDS), dtype=torch.int64)
     table[ctx.rank] = torch.tensor(
-        [int(streamer.keep_all), streamer.layer_bytes_read, bytes_read, streamer.layers_built]
+        [
+            int(streamer.keep_all),
+            streamer.layer_bytes_read,
+            bytes_read,
+            streamer.layers_built,
+            streamer.peak_weight_bytes,
+        ]
     )
     table = reduce_rows_to_main(ctx, table)
     reads = {k: table[:, j].tolist() for j, k in enumerate(READ_FIELDS)}
