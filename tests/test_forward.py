@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from forward_helpers import (
 
 from npu_fp.activations import ActivationResult, run_activations
 from npu_fp.config import ActivationsConfig
-from npu_fp.device import resolve_device
+from npu_fp.device import free_memory_bytes, resolve_device
 from npu_fp.dist import DistContext
 from npu_fp.forward.corpus import make_batches
 from npu_fp.forward.layers import StreamModel, build_hf_config, resolve_family
@@ -210,3 +212,29 @@ def test_outputs_are_written(tmp_path):
         assert sum(int(r["tokens"]) for r in routing if r["layer"] == layer) == 2 * 16
     assert not list((tmp_path / "out").glob(".*tmp"))
     assert (tmp_path / "out" / "activations.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 30, None])
+def test_pipeline_keeps_layers_resident_only_within_its_budget(tmp_path, caplog, budget):
+    """One rank in pipeline mode, 3 passes: a stage that fits is read once, one that does not
+    streams once per pass with an INFO line naming the budget; the rows do not change."""
+    save_hf_model("llama", tmp_path / "m", layers=3)
+    src = open_model(tmp_path / "m")
+    stored = sum(r.nbytes for n, r in src.tensors.items() if ".layers." in n)
+    base = ActivationsConfig(batch_size=1, seq_len=8, num_batches=3, pass_batches=1)
+    data_run = run_activations(ctx1(), base, str(tmp_path / "m"), src)
+    cfg = replace(base, mode="pipeline", resident_bytes=budget)
+    with caplog.at_level(logging.INFO, logger="npu_fp.activations"):
+        res = run_activations(ctx1(), cfg, str(tmp_path / "m"), src)
+    fits = budget != 1
+    assert res.reads["resident"] == [fits]
+    assert res.reads["layer_bytes_read"] == [stored if fits else 3 * stored]
+    assert res.reads["layers_built"] == [3 if fits else 9]
+    assert data_run.reads["layer_bytes_read"] == [3 * stored]
+    assert res.rows == data_run.rows
+    said = "stay resident" if fits else "exceed the resident budget"
+    assert any(said in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_free_memory_of_the_cpu_is_positive():
+    assert free_memory_bytes(resolve_device("cpu")) > 0
