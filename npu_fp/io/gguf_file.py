@@ -27,8 +27,13 @@ from typing import Any
 import numpy as np
 
 from npu_fp.io.gguf_codec import PLAIN_TYPES, RowCodec
-from npu_fp.io.safetensors_header import MAX_INT, MAX_TENSORS, CheckpointError, TensorRef
-from npu_fp.io.validate import InputError, open_regular
+from npu_fp.io.safetensors_header import (
+    MAX_INT,
+    MAX_TENSORS,
+    CheckpointError,
+    TensorRef,
+    open_checkpoint,
+)
 
 # general.architecture -> (Hugging Face architectures[0], model_type); the arch registry maps
 # GGUF tensor names for these (arch/gguf.py). Mixtral files say "llama" and carry experts.
@@ -207,10 +212,7 @@ def _version() -> str:
 
 
 def _open_reader(path: str) -> Any:
-    try:
-        fd = open_regular(path, "GGUF file")  # refuses FIFOs and devices without blocking
-    except InputError as e:
-        raise CheckpointError(str(e)) from None
+    fd = open_checkpoint(path, "GGUF file")  # refuses FIFOs and devices without blocking
     os.close(fd)
     try:
         import gguf  # noqa: F401  optional dependency: checked here for a clear message

@@ -27,8 +27,9 @@ from npu_fp.io.safetensors_header import (
     CheckpointError,
     FileHeader,
     TensorRef,
+    open_checkpoint,
 )
-from npu_fp.io.validate import InputError, open_regular, pread_exact
+from npu_fp.io.validate import InputError, pread_exact
 
 # tensor_type strings MindSpore writes -> safetensors dtype strings
 CKPT_DTYPES: dict[str, str] = {
@@ -281,10 +282,7 @@ def _is_metadata(e: _Entry) -> bool:
 def read_ckpt_header(path: str | os.PathLike[str]) -> FileHeader:
     """Every tensor of one `.ckpt` file, located by byte range(s), without reading tensor data."""
     path = str(Path(path).absolute())
-    try:
-        fd = open_regular(path, "MindSpore checkpoint")
-    except InputError as e:
-        raise CheckpointError(str(e)) from None
+    fd = open_checkpoint(path, "MindSpore checkpoint")
     try:
         size = os.fstat(fd).st_size
         if size == 0:

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from npu_fp.io.gguf_codec import decode_rows
-from npu_fp.io.safetensors_header import CheckpointError, TensorRef
-from npu_fp.io.validate import InputError, open_regular
+from npu_fp.io.safetensors_header import CheckpointError, TensorRef, open_checkpoint
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -81,10 +80,7 @@ class FileCache:
     def fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = open_regular(path, "checkpoint file")
-            except InputError as e:
-                raise CheckpointError(str(e)) from None
+            fd = open_checkpoint(path, "checkpoint file")
             self._fds[path] = fd
         return fd
 

@@ -58,6 +58,15 @@ class CheckpointError(InputError):
     """A checkpoint file or folder is not what it claims to be. The message names file and tensor."""
 
 
+def open_checkpoint(path: str, what: str) -> int:
+    """`validate.open_regular` (no FIFO or device, no blocking) with its error as a CheckpointError,
+    the one error type of every weight-file reader."""
+    try:
+        return open_regular(path, what)
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class TensorRef:
     """A tensor's location: no data, just where its bytes are."""
@@ -126,10 +135,7 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
     the dtype width (sub-byte counts must fill whole bytes). Work is linear in the header size.
     """
     path = str(Path(path).absolute())
-    try:
-        fd = open_regular(path, "safetensors file")
-    except InputError as e:
-        raise CheckpointError(str(e)) from None
+    fd = open_checkpoint(path, "safetensors file")
     try:
         size = os.fstat(fd).st_size
         if size < 8:

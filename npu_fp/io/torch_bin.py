@@ -29,8 +29,9 @@ from npu_fp.io.safetensors_header import (
     CheckpointError,
     FileHeader,
     TensorRef,
+    open_checkpoint,
 )
-from npu_fp.io.validate import InputError, open_regular, pread_exact
+from npu_fp.io.validate import InputError, pread_exact
 
 MAX_PICKLE_BYTES = 256 << 20  # a state dict's pickle holds names and shapes only
 MAX_NESTING = 64  # dicts inside dicts ({"model": {"state_dict": ...}}), as for JSON
@@ -254,10 +255,7 @@ def _entry_data_start(fd: int, path: str, info: zipfile.ZipInfo, size: int) -> i
 def read_torch_header(path: str | os.PathLike[str]) -> FileHeader:
     """Every tensor of one zip-format torch file, located by byte range, with no data read."""
     path = str(Path(path).absolute())
-    try:
-        fd = open_regular(path, "torch file")
-    except InputError as e:
-        raise CheckpointError(str(e)) from None
+    fd = open_checkpoint(path, "torch file")
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, len(_LEGACY_MAGIC), 0)
