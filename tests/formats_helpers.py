@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
 from npu_fp.commands import fingerprint
@@ -78,3 +79,16 @@ def as_bin(src: Path, dst: Path, shards: int = 1, **save_kw: object) -> Path:
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
     return dst
+
+
+def assert_fingerprint_cli_refuses(
+    model: Path, out: Path, words: tuple[str, ...], cwd: Path
+) -> None:
+    """`npu-fp fingerprint` of a bad model: exit 2, a named error holding every one of `words`, no
+    traceback, and no signature or table left in the run directory."""
+    args = ["-m", "npu_fp", "fingerprint", f"model.path={model}", f"hydra.run.dir={out}"]
+    r = run_cli([*args, "device=cpu", "progress=false"], cwd=cwd, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "npu-fp: error:" in r.stderr and "Traceback" not in r.stderr
+    assert all(w in r.stderr for w in words), r.stderr[-2000:]
+    assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()

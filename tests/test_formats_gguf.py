@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 from compare_fixtures import SHAPE, pair, run_compare
-from conftest import REPO, run_cli
+from conftest import REPO
+from formats_helpers import assert_fingerprint_cli_refuses
 
 from npu_fp import derive, realweights, zoo
 from npu_fp.commands import fingerprint_into
@@ -453,15 +454,8 @@ def test_bad_gguf_is_a_named_error(llama: dict, tmp_path: Path, kind: str) -> No
 
 def test_bad_gguf_stops_the_cli_with_exit_2_and_no_output(llama: dict, tmp_path: Path) -> None:
     path, message = bad_copy(llama["q8"], tmp_path / "bad.gguf", "unknown_type")
-    out = tmp_path / "out"
-    r = run_cli(
-        ["-m", "npu_fp", "fingerprint", f"model.path={path}", f"hydra.run.dir={out}"],
-        cwd=REPO,
-    )
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "npu-fp: error:" in r.stderr and "unknown ggml quantization type 77" in r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
+    words = ("unknown ggml quantization type 77",)
+    assert_fingerprint_cli_refuses(path, tmp_path / "out", words, cwd=REPO)
 
 
 def test_gguf_of_an_unmapped_architecture_is_refused(tmp_path: Path) -> None:

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from formats_helpers import as_bin, assert_same_stats, fingerprint_rows
+from formats_helpers import (
+    as_bin,
+    assert_fingerprint_cli_refuses,
+    assert_same_stats,
+    fingerprint_rows,
+)
 from safetensors.torch import load_file, save_file
 
 from npu_fp.activations import run_activations
@@ -260,14 +264,8 @@ def test_bad_bin_is_a_named_error(tmp_path: Path, case: str) -> None:
 def test_bad_bin_cli_exit_2_nothing_left(tmp_path: Path, case: str) -> None:
     build, words = BAD[case]
     d = build(tmp_path)  # type: ignore[operator]
-    out = tmp_path / "out"
-    args = ["-m", "npu_fp", "fingerprint", f"model.path={d}", f"hydra.run.dir={out}"]
     # launched from inside the model folder: a module there must still never be imported
-    r = run_cli([*args, "device=cpu", "progress=false"], cwd=d, timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "npu-fp: error:" in r.stderr and "Traceback" not in r.stderr
-    assert all(w in r.stderr for w in words), r.stderr[-2000:]
-    assert not (out / "signature.json").exists() and not (out / "tensors.csv").exists()
+    assert_fingerprint_cli_refuses(d, tmp_path / "out", words, cwd=d)
     assert not (tmp_path / "PWNED").exists()
 
 
